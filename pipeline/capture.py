@@ -1,0 +1,114 @@
+"""Attention capture at chosen decoder layers only (DESIGN contract 2).
+
+One attention function is registered with transformers' ``AttentionInterface`` (and the matching
+``AttentionMaskInterface`` entry, so the causal/padding mask reaches it). At a captured decoder
+layer it forms ``softmax(Q K^T * scale + mask)`` in float32, averages the heads on the device and
+hands the map to the active ``AttentionCapture``; every other layer (and the vision tower) runs
+SDPA. Nothing is added to ``outputs.attentions``. Gradients flow through the captured maps, so the
+student trainer uses the same function.
+
+    enable_capture(model)
+    with AttentionCapture(model, layers=[0, 22]) as cap:
+        model(**inputs)
+    cap.maps[0]  # [B, S, S] float32 head mean
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+CAPTURE_IMPLEMENTATION = "drivekd_capture"
+
+# id(attention module) -> (capture, layer index); filled only while a capture context is open.
+_ACTIVE: dict[int, tuple["AttentionCapture", int]] = {}
+
+
+def _probabilities(query, key, attention_mask, scaling, groups: int) -> torch.Tensor:
+    """softmax(Q K^T * scaling + mask) in float32. query [B,H,S,D], key [B,KVH,S,D] -> [B,H,S,S]."""
+    key = repeat_kv(key, groups)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if attention_mask is None:
+        q_len, k_len = scores.shape[-2:]
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        attention_mask = causal[None, None]
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs):
+    """The registered attention function: probabilities at captured layers, SDPA elsewhere."""
+    entry = _ACTIVE.get(id(module))
+    if entry is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    capture, layer = entry
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    groups = getattr(module, "num_key_value_groups", 1)
+    probs = _probabilities(query, key, attention_mask, scaling, groups)
+    if module.training and dropout > 0:
+        raise ValueError(f"attention dropout {dropout} is not supported at captured layers; set attention_dropout=0")
+    output = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups))
+    capture.record(layer, probs.mean(dim=1))
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, capture_attention_forward)
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+
+
+def decoder_attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every language-model decoder layer, in order."""
+    inner = getattr(model, "model", model)
+    language_model = getattr(inner, "language_model", None)
+    if language_model is None or not hasattr(language_model, "layers"):
+        raise ValueError(f"{type(model).__name__}: cannot find the language model's decoder layers "
+                         "(expected model.model.language_model.layers)")
+    return [layer.self_attn for layer in language_model.layers]
+
+
+def enable_capture(model) -> None:
+    """Route the language model's attention through the capture function (vision tower unchanged)."""
+    model.set_attn_implementation({"text_config": CAPTURE_IMPLEMENTATION})
+
+
+class AttentionCapture:
+    """Context manager collecting head-mean attention maps at ``layers`` (decoder indices).
+
+    ``maps[layer]`` is [B, S, S] float32 (rows = queries), attached to the autograd graph when the
+    forward runs with gradients. ``transform(layer, map) -> tensor`` may slice a map as it arrives
+    (e.g. to a text-to-vision block) so the full map is not kept.
+    """
+
+    def __init__(self, model, layers, *, transform=None):
+        self.modules = decoder_attention_modules(model)
+        n = len(self.modules)
+        resolved = sorted({layer + n if layer < 0 else layer for layer in layers})
+        bad = [layer for layer in resolved if not 0 <= layer < n]
+        if bad:
+            raise ValueError(f"capture layers {bad} out of range: the model has {n} decoder layers (0..{n - 1})")
+        if model.config.get_text_config()._attn_implementation != CAPTURE_IMPLEMENTATION:
+            raise ValueError("the model's language model does not use the capture attention; call "
+                             "pipeline.capture.enable_capture(model) after loading it")
+        self.layers = resolved
+        self.transform = transform
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, head_mean: torch.Tensor) -> None:
+        self.maps[layer] = self.transform(layer, head_mean) if self.transform else head_mean
+
+    def __enter__(self) -> "AttentionCapture":
+        self.maps = {}
+        for layer in self.layers:
+            _ACTIVE[id(self.modules[layer])] = (self, layer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            _ACTIVE.pop(id(self.modules[layer]), None)

@@ -1,0 +1,106 @@
+"""Image-only processors for the two model families, and the tiny local tokenizer.
+
+The native InternVL / Qwen2.5-VL processors also own a video processor, which needs torchvision.
+Driving QA is image-only, so these subclasses drop the video processor and keep everything else
+(tokenizer, image processor, chat template, image-token expansion) native. They load the same
+``save_pretrained`` directories as the native classes, real checkpoints included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import InternVLProcessor, PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+
+FAMILIES = ("internvl", "qwen2_5_vl")
+MODEL_TYPE_TO_FAMILY = {"internvl": "internvl", "qwen2_5_vl": "qwen2_5_vl"}
+
+# Chat templates of the two families' Hugging Face checkpoints (ChatML markup; images as one
+# placeholder each, expanded by the processor).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+FAMILY_SPECIALS = {
+    "internvl": {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    },
+    "qwen2_5_vl": {
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+    },
+}
+
+
+class InternVLImageProcessor(InternVLProcessor):
+    """InternVLProcessor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without the video processor (no torchvision needed)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+PROCESSOR_CLASSES = {"internvl": InternVLImageProcessor, "qwen2_5_vl": Qwen2_5_VLImageProcessor}
+
+
+def family_of(model_dir: str | Path) -> str:
+    """Family name ("internvl" / "qwen2_5_vl") read from ``config.json``'s ``model_type``."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: {model_dir} is not a Hugging Face model directory "
+                                "(expected config.json written by save_pretrained).")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type not in MODEL_TYPE_TO_FAMILY:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: "
+                         f"{sorted(MODEL_TYPE_TO_FAMILY)} (use the Hugging Face '-hf' format for InternVL3).")
+    return MODEL_TYPE_TO_FAMILY[model_type]
+
+
+def load_processor(model_dir: str | Path):
+    """The family's image-only processor loaded from a ``save_pretrained`` directory."""
+    return PROCESSOR_CLASSES[family_of(model_dir)].from_pretrained(str(model_dir))
+
+
+def build_tokenizer(corpus: list[str], family: str, *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained locally on ``corpus`` with the family's special tokens.
+
+    Byte-level, so any text (object references such as ``<c1,CAM_FRONT,0.46,0.67>`` included)
+    round-trips exactly; the chat and image tokens are atomic special tokens.
+    """
+    extra = FAMILY_SPECIALS[family]
+    specials = CHAT_SPECIALS + list(extra.values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", extra_special_tokens=extra)

@@ -1,0 +1,117 @@
+"""The teacher-cache contract: manifest (``cache.json``), shard layout and index columns.
+
+A cache directory holds::
+
+    cache.json                      manifest (this module), written when the job starts
+    shards/shard-000000.zarr/       one Zarr v3 group per data shard: flat 1-D arrays per signal
+    shards/shard-000000.parquet     index: one row per sample (key, offsets and shapes per signal, ...)
+    shards/shard-000000.done        commit marker, written last; readers ignore shards without it
+
+Signals (METHOD section 3): ``first_tv`` (layer 0, text-to-vision block [n_text, n_vision]),
+``penult_tv`` (layer L-2, same block), ``mid`` (intermediate maps, each stored as the packed lower
+triangle of an S x S map: [n_maps, S*(S+1)/2]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+
+CACHE_FORMAT = "drive-kd/teacher-cache"
+CACHE_VERSION = 1
+MANIFEST_NAME = "cache.json"
+SIGNALS = ("first_tv", "penult_tv", "mid")
+SIGNAL_ROLES = {"first_tv": "perception", "penult_tv": "planning", "mid": "reasoning"}
+
+# Index columns per sample; each signal adds f"{signal}_{suffix}" for these suffixes.
+INDEX_COLUMNS = ("key", "shard", "capability", "seq_len", "n_text", "n_vision", "layout_digest", "layout")
+SIGNAL_COLUMNS = ("offset", "count", "row_offset", "rows", "shape")
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def shard_files(index: int) -> dict[str, str]:
+    """Relative paths of the group, index and marker of cache shard ``index``."""
+    stem = str(PurePosixPath("shards") / shard_stem(index))
+    return {"group": f"{stem}.zarr", "index": f"{stem}.parquet", "marker": f"{stem}.done"}
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """Which teacher layers a stored signal comes from.
+
+    layers: teacher decoder layer indices (resolved, non-negative).
+    role: the loss it serves (perception / planning / reasoning).
+    groups: for a pre-grouped ``mid``: per student layer, the teacher layers averaged (else None).
+    """
+
+    layers: list[int]
+    role: str
+    groups: list[list[int]] | None = None
+
+
+@dataclass
+class CacheManifest:
+    """Self-description of a teacher cache (DESIGN contract 4)."""
+
+    teacher: dict
+    """name, path, family, config_digest, num_layers, num_heads."""
+    signals: dict[str, SignalSpec]
+    """signal name -> SignalSpec; only the signals stored."""
+    codec: dict
+    """codec name and parameters (cache_teacher.codecs describe())."""
+    dtype: str
+    """dtype the teacher ran in (maps are always formed in float32)."""
+    layout: dict
+    """layout_version and tiling policy the samples were laid out with."""
+    dataset: dict
+    """dataset_digest and the shards directory the cache was made from."""
+    student_layers: int | None = None
+    """student depth the mid signal is pre-grouped for, or None for raw per-teacher-layer maps."""
+    created: dict = field(default_factory=dict)
+    """time, host, library versions, command line."""
+    format: str = CACHE_FORMAT
+    version: int = CACHE_VERSION
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["signals"] = {name: asdict(spec) for name, spec in self.signals.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, *, source: str = MANIFEST_NAME) -> "CacheManifest":
+        if data.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{source}: format {data.get('format')!r} is not {CACHE_FORMAT!r}; not a teacher cache")
+        if data.get("version") != CACHE_VERSION:
+            raise ValueError(f"{source}: cache format version {data.get('version')!r}; this code reads version "
+                             f"{CACHE_VERSION}. Re-create the cache with `python -m cache_teacher` of this version.")
+        unknown = sorted(set(data.get("signals", {})) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"{source}: unknown signals {unknown}; known: {list(SIGNALS)}")
+        fields = dict(data)
+        fields["signals"] = {name: SignalSpec(**spec) for name, spec in data["signals"].items()}
+        return cls(**fields)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+    def settings(self) -> dict:
+        """The fields that must match for a re-run to extend/resume this cache (creation info excluded)."""
+        data = self.to_json()
+        data.pop("created")
+        return data
+
+    def differences(self, other: "CacheManifest") -> list[str]:
+        """Names of the settings that differ from ``other`` (dotted paths, one level deep)."""
+        mine, theirs = self.settings(), other.settings()
+        diffs = []
+        for name in sorted(set(mine) | set(theirs)):
+            a, b = mine.get(name), theirs.get(name)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{name}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diffs.append(name)
+        return diffs
