@@ -51,6 +51,8 @@ MOVING_OPTIONS = {"moving": "Yes, it is moving", "stopped": "No, it is stopped",
 NONE_CLEAR = "None, the ego lane is clear"
 ACTION_OPTIONS = {"stop": "Stop", "slow_down": "Slow down", "keep_going": "Keep going at the current speed",
                   "change_left": "Change to the left lane", "change_right": "Change to the right lane"}
+TARGET_LANE_OPTIONS = {"left": "Move to the left lane", "ego": "Stay in the current lane",
+                       "right": "Move to the right lane", "sidewalk": "Drive onto the sidewalk"}
 STOP_REASON_OPTIONS = {"red_light": "The traffic light is red", "stop_sign": "There is a stop sign ahead",
                        "pedestrian": "A pedestrian is crossing the road ahead", "clear": "The road ahead is clear"}
 
@@ -243,6 +245,15 @@ def _ask_action(scene, rng, target):
                     reason)
 
 
+def _ask_target_lane(scene, rng, target):
+    action, reason = plan_action(scene)
+    if {"change_left": "left", "change_right": "right"}.get(action, "ego") != target:
+        return None
+    distractors = tuple(option for lane, option in TARGET_LANE_OPTIONS.items() if lane != target)
+    return Question("Which lane should the ego vehicle drive in over the next few seconds?",
+                    TARGET_LANE_OPTIONS[target], distractors, reason)
+
+
 def _ask_stop_reason(scene, rng, target):
     causes = stop_causes(scene)
     if [cause for cause, _ in causes] != [target]:
@@ -304,6 +315,9 @@ FAMILIES = {
     "lane_free": Family("reasoning", ("left_free", "left_busy", "right_free", "right_busy"), _ask_lane_free,
                         lambda rng, target: {f"{target.split('_')[0]}_busy": target.endswith("busy")}),
     "action": Family("planning", tuple(ACTION_OPTIONS), _ask_action, _action_hint),
+    "target_lane": Family("planning", ("left", "ego", "right"), _ask_target_lane,
+                          lambda rng, target: _action_hint(rng, {"left": "change_left", "right": "change_right"}.get(
+                              target, rng.choice(("stop", "slow_down", "keep_going"))))),
     "stop_reason": Family("planning", ("red_light", "stop_sign", "pedestrian"), _ask_stop_reason, _stop_hint),
 }
 
@@ -328,11 +342,7 @@ class _Balancer:
 
 def build_samples(*, samples: int, seed: int = 0, views: str = "mixed") -> list[Sample]:
     """The records of a generation run with their scenes, without drawing anything."""
-    _check_int("samples", samples, 1)
-    _check_int("seed", seed, None)
-    if str(views) not in VIEW_CHOICES:
-        raise ValueError(f"views must be one of {VIEW_CHOICES} (1 front camera, 6 surround cameras or mostly 1 "
-                         f"with about {SIX_VIEW_SHARE:.0%} six-camera records), got {views!r}")
+    _check_arguments(samples, seed, MIN_IMAGE_SIZE, views)
     rng = random.Random(seed)
     balancer = _Balancer(rng)
     return [_build_sample(rng, balancer, index, str(views)) for index in range(samples)]
@@ -381,6 +391,16 @@ def image_path(scene_id: str, camera: str) -> str:
     return f"images/{scene_id}/{camera}.png"
 
 
+def _check_arguments(samples, seed, image_size, views) -> None:
+    """Raises ValueError naming the first argument out of range."""
+    _check_int("samples", samples, 1)
+    _check_int("seed", seed, None)
+    _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    if str(views) not in VIEW_CHOICES:
+        raise ValueError(f"views must be one of {VIEW_CHOICES} (1 front camera, 6 surround cameras or mostly 1 "
+                         f"with about {SIX_VIEW_SHARE:.0%} six-camera records), got {views!r}")
+
+
 def _check_int(name: str, value, minimum: int | None, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -393,7 +413,7 @@ def _check_int(name: str, value, minimum: int | None, maximum: int | None = None
 
 def generate(out_dir, *, samples: int, seed: int = 0, image_size: int = 112, views: str = "mixed") -> list[dict]:
     """Draws the scenes into `out_dir`/images and writes `out_dir`/qa.json last; returns the records."""
-    _check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    _check_arguments(samples, seed, image_size, views)
     built = build_samples(samples=samples, seed=seed, views=views)
     out = Path(out_dir)
     for sample in tqdm(built, desc="drawing scenes", unit="scene"):
@@ -417,7 +437,7 @@ def vocabulary_corpus(seed: int = 0, samples: int = 300) -> list[str]:
         user, assistant = sample.record["messages"]
         texts += [user["content"].replace("<image>\n", ""), assistant["content"]]
     fixed = [KIND_OPTIONS, LIGHT_OPTIONS, SIGN_OPTIONS, SIGN_FACTS, LANE_OPTIONS, CROSS_OPTIONS, MOVING_OPTIONS,
-             ACTION_OPTIONS, STOP_REASON_OPTIONS]
+             ACTION_OPTIONS, TARGET_LANE_OPTIONS, STOP_REASON_OPTIONS]
     texts += [text for options in fixed for text in options.values()]
     return texts + [NONE_CLEAR, " ".join(_cap(c) for c in COLOURS), " ".join(SURROUND), " ".join(map(str, range(10)))]
 
@@ -437,13 +457,13 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"side of the square images in pixels, {MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE} (default 112)")
     parser.add_argument("--views", choices=VIEW_CHOICES, default="mixed",
                         help="1: CAM_FRONT only (BDD100K-like); 6: nuScenes surround cameras; mixed (default): "
-                             f"about {SIX_VIEW_SHARE:.0%} six-camera records")
+                             f"about {SIX_VIEW_SHARE:.0%}% six-camera records")
     args = parser.parse_args(argv)
     try:
-        records = generate(args.out, samples=args.samples, seed=args.seed, image_size=args.image_size,
-                           views=args.views)
+        _check_arguments(args.samples, args.seed, args.image_size, args.views)
     except ValueError as error:
         parser.error(str(error))
+    records = generate(args.out, samples=args.samples, seed=args.seed, image_size=args.image_size, views=args.views)
     images = sum(len(record["images"]) for record in records)
     print(f"wrote {len(records)} records and {images} images to {Path(args.out) / 'qa.json'}")
 

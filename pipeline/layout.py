@@ -142,8 +142,7 @@ def build_layout(record: QARecord, images: list[Image.Image], processor, *,
     if len(images) != len(record.images):
         raise ValueError(f"sample {record.key}: record lists {len(record.images)} images, got {len(images)}")
     tiling = tiling or default_tiling(processor)
-    if tiling.max_tiles == 1:
-        images = [im.convert("RGB").resize((tiling.tile_size, tiling.tile_size), Image.BICUBIC) for im in images]
+    images = _tile_images(images, tiling)
     messages = _messages(record)
     full_text = processor.apply_chat_template(messages, tokenize=False)
     prompt_text = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
@@ -171,21 +170,50 @@ def build_layout(record: QARecord, images: list[Image.Image], processor, *,
                   digest=layout_digest(input_ids, is_vision, answer_span, tiling))
 
 
-def collate_layouts(layouts: list[Layout], pad_token_id: int) -> dict:
-    """Left-padded batch of model inputs (as generation and batched capture expect).
+def _tile_images(images: list[Image.Image], tiling: TilingPolicy) -> list[Image.Image]:
+    if tiling.max_tiles == 1:
+        return [im.convert("RGB").resize((tiling.tile_size, tiling.tile_size), Image.BICUBIC) for im in images]
+    return [im.convert("RGB") for im in images]
 
-    Returns the processor-style dict plus ``labels`` (padded with -100) and ``is_vision`` [B, S_max].
+
+def build_prompt(record: QARecord, images: list[Image.Image], processor, *,
+                 tiling: TilingPolicy | None = None) -> dict:
+    """Model inputs for generation: the same user turn as ``build_layout``, then the assistant header.
+
+    Returns the processor's batch-of-one tensors; the answer is not included.
     """
-    s_max = max(lay.seq_len for lay in layouts)
-    batch: dict[str, list] = {}
-    for lay in layouts:
-        pad = s_max - lay.seq_len
-        for name, value in lay.model_inputs.items():
-            if name in ("input_ids", "attention_mask", "mm_token_type_ids"):
-                fill = pad_token_id if name == "input_ids" else 0
-                value = torch.nn.functional.pad(value, (pad, 0), value=fill)
-            batch.setdefault(name, []).append(value)
-        batch.setdefault("labels", []).append(torch.nn.functional.pad(lay.labels, (pad, 0), value=IGNORE_INDEX))
-        batch.setdefault("is_vision", []).append(torch.nn.functional.pad(lay.is_vision, (pad, 0), value=False))
-    return {name: torch.stack(values) if name in ("labels", "is_vision") else torch.cat(values)
-            for name, values in batch.items()}
+    if len(images) != len(record.images):
+        raise ValueError(f"sample {record.key}: record lists {len(record.images)} images, got {len(images)}")
+    tiling = tiling or default_tiling(processor)
+    prompt_text = processor.apply_chat_template(_messages(record)[:1], tokenize=False, add_generation_prompt=True)
+    return dict(processor(text=[prompt_text], images=_tile_images(images, tiling) or None, return_tensors="pt",
+                          **_processor_kwargs(processor, tiling)))
+
+
+SEQUENCE_INPUTS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}  # name -> pad value (None: pad id)
+
+
+def _left_pad(value: torch.Tensor, length: int, fill) -> torch.Tensor:
+    return torch.nn.functional.pad(value, (length - value.shape[-1], 0), value=fill)
+
+
+def collate_inputs(inputs: list[dict], pad_token_id: int) -> dict:
+    """Left-padded batch of processor outputs (as generation and batched capture expect)."""
+    s_max = max(item["input_ids"].shape[-1] for item in inputs)
+    batch = {}
+    for name in inputs[0]:
+        if name in SEQUENCE_INPUTS:
+            fill = pad_token_id if SEQUENCE_INPUTS[name] is None else SEQUENCE_INPUTS[name]
+            batch[name] = torch.cat([_left_pad(item[name], s_max, fill) for item in inputs])
+        else:
+            batch[name] = torch.cat([item[name] for item in inputs])
+    return batch
+
+
+def collate_layouts(layouts: list[Layout], pad_token_id: int) -> dict:
+    """``collate_inputs`` of the layouts plus ``labels`` (padded with -100) and ``is_vision`` [B, S_max]."""
+    batch = collate_inputs([lay.model_inputs for lay in layouts], pad_token_id)
+    s_max = batch["input_ids"].shape[-1]
+    batch["labels"] = torch.stack([_left_pad(lay.labels, s_max, IGNORE_INDEX) for lay in layouts])
+    batch["is_vision"] = torch.stack([_left_pad(lay.is_vision, s_max, False) for lay in layouts])
+    return batch

@@ -47,7 +47,7 @@ SHAPES = {
     "car": (1.8, 1.5, 0.40, 0.85),
     "truck": (2.3, 2.8, 0.0, 0.85),
     "bus": (2.6, 3.4, 0.40, 0.88),
-    "motorcycle": (0.8, 1.6, 0.35, 0.85),
+    "motorcycle": (1.0, 1.6, 0.35, 0.85),
     "pedestrian": (0.7, 1.8, 0.22, 0.65),
 }
 LIGHT_BOX = (0.82, 0.05, 0.90, 0.29)
@@ -341,8 +341,9 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: str, size: int) -> None:
     half_pole = max(1.0, 0.008 * size)
     draw.rectangle((cx - half_pole, cy, cx + half_pole, _project(0, 15.0)[1] * size), fill=POLE)
     if sign == "stop":
-        corners = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (math.pi / 8 * (2 * k + 1) for k in range(8))]
-        draw.polygon(corners, fill=COLOURS["red"])
+        for ring, colour in ((1.0, MARKING), (0.8, COLOURS["red"])):  # white rim, red face
+            angles = (math.pi / 8 * (2 * k + 1) for k in range(8))
+            draw.polygon([(cx + ring * r * math.cos(a), cy + ring * r * math.sin(a)) for a in angles], fill=colour)
         draw.rectangle((cx - 0.6 * r, cy - 0.15 * r, cx + 0.6 * r, cy + 0.15 * r), fill=MARKING)
     else:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS["red"])
@@ -355,42 +356,50 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None
     """Body in the object's colour; every other part lies outside the body's centre pixel."""
     _, _, top, bottom = SHAPES[obj.kind]
     x0, y0, x1, y1 = (round(v * size) for v in obj.box)
+    x1, y1 = x1 - 1, y1 - 1  # inclusive pixel bounds from here on
     body_top = round((obj.box[1] + (obj.box[3] - obj.box[1]) * top) * size)
-    body_bottom = round((obj.box[1] + (obj.box[3] - obj.box[1]) * bottom) * size)
-    body = (x0, body_top, x1 - 1, body_bottom - 1)
-    width = x1 - x0
+    body_bottom = round((obj.box[1] + (obj.box[3] - obj.box[1]) * bottom) * size) - 1
+    body = (x0, body_top, x1, body_bottom)
+    quarter, sixth = (x1 - x0 + 1) // 4, (x1 - x0 + 1) // 6
     if obj.kind == "pedestrian":
-        head = max(1, (body_top - y0) // 2)
-        draw.ellipse((x0 + width // 4, y0, x1 - 1 - width // 4, body_top - 1), fill=SKIN)
-        spread = width // 3 if obj.moving else width // 6
-        for foot_x, hip_x in ((x0 + width // 2 - spread, x0 + width // 3), (x0 + width // 2 + spread, x1 - 1 - width // 3)):
-            draw.line((hip_x, body_bottom, foot_x, y1 - 1), fill=JACKET, width=max(1, head // 2))
+        _part(draw, (x0 + quarter, y0, x1 - quarter, body_top - 1), SKIN, ellipse=True)
+        spread = (x1 - x0 + 1) // 3 if obj.moving else sixth
+        middle = (x0 + x1) // 2
+        for hip_x, foot_x in ((x0 + quarter, middle - spread), (x1 - quarter, middle + spread)):
+            if body_bottom + 1 <= y1:
+                draw.line((hip_x, body_bottom + 1, foot_x, y1), fill=JACKET, width=max(1, quarter // 2))
     elif obj.kind == "motorcycle":
-        draw.ellipse((x0 + width // 4, y0, x1 - 1 - width // 4, y0 + (body_top - y0) // 2), fill=SKIN)
-        draw.rectangle((x0 + width // 6, y0 + (body_top - y0) // 2, x1 - 1 - width // 6, body_top - 1), fill=JACKET)
-        draw.rectangle((x0 + width // 3, body_bottom, x1 - 1 - width // 3, y1 - 1), fill=TYRE)
+        shoulder = y0 + (body_top - y0) // 2
+        _part(draw, (x0 + quarter, y0, x1 - quarter, shoulder - 1), SKIN, ellipse=True)
+        _part(draw, (x0 + quarter, shoulder, x1 - quarter, body_top - 1), JACKET)
+        _part(draw, (x0 + quarter + 1, body_bottom + 1, x1 - quarter - 1, y1), TYRE)
     else:
-        _draw_vehicle_frame(draw, obj.kind, (x0, y0, x1 - 1, y1 - 1), body, COLOURS[obj.colour])
+        _draw_vehicle_frame(draw, obj.kind, (x0, y0, x1, y1), body, COLOURS[obj.colour])
     draw.rectangle(body, fill=COLOURS[obj.colour])
     if obj.kind in VEHICLES and not obj.moving:
-        light_w = max(1, (body[2] - body[0] + 1) // 4)
-        light_h = max(1, (body[3] - body[1] + 1) // 4)
-        for left in (body[0], body[2] - light_w + 1):
-            draw.rectangle((left, body[3] - light_h + 1, left + light_w - 1, body[3]), fill=BRAKE)
+        light_w = max(1, (x1 - x0 + 1) // 4)
+        light_h = max(1, (body_bottom - body_top + 1) // 4)
+        for left in (x0, x1 - light_w + 1):
+            draw.rectangle((left, body_bottom - light_h + 1, left + light_w - 1, body_bottom), fill=BRAKE)
 
 
 def _draw_vehicle_frame(draw: ImageDraw.ImageDraw, kind: str, box, body, colour) -> None:
-    """Wheels below the body; a cabin (car) or a window band (bus) above it."""
+    """Wheels below the body; a cabin (car) or a window band (bus) above it. Bounds are inclusive."""
     x0, y0, x1, y1 = box
-    width = x1 - x0 + 1
-    wheel_w = max(1, width // 4)
+    wheel_w = max(1, (x1 - x0 + 1) // 4)
     for left in (x0, x1 - wheel_w + 1):
-        draw.rectangle((left, body[3] + 1, left + wheel_w - 1, y1), fill=TYRE)
+        _part(draw, (left, body[3] + 1, left + wheel_w - 1, y1), TYRE)
     if kind == "car":
-        inset = width // 6
-        draw.rectangle((x0 + inset, y0, x1 - inset, body[1] - 1), fill=colour)
-        draw.rectangle((x0 + inset + 1, y0 + 1, x1 - inset - 1, body[1] - 1), fill=WINDOW)
+        inset = (x1 - x0 + 1) // 6
+        _part(draw, (x0 + inset, y0, x1 - inset, body[1] - 1), colour)
+        _part(draw, (x0 + inset + 1, y0 + 1, x1 - inset - 1, body[1] - 1), WINDOW)
     elif kind == "bus":
-        draw.rectangle((x0, y0, x1, body[1] - 1), fill=colour)
         band = (body[1] - y0) // 5
-        draw.rectangle((x0 + 1, y0 + band, x1 - 1, body[1] - 1 - band // 2), fill=WINDOW)
+        _part(draw, (x0, y0, x1, body[1] - 1), colour)
+        _part(draw, (x0 + 1, y0 + band, x1 - 1, body[1] - 1 - band // 2), WINDOW)
+
+
+def _part(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour, ellipse: bool = False) -> None:
+    """Fills an inclusive pixel box (ellipse or rectangle); parts too small to have pixels are skipped."""
+    if box[2] >= box[0] and box[3] >= box[1]:
+        (draw.ellipse if ellipse else draw.rectangle)(box, fill=colour)

@@ -3,7 +3,8 @@
 A cache directory holds::
 
     cache.json                      manifest (this module), written when the job starts
-    shards/shard-000000.zarr/       one Zarr v3 group per data shard: flat 1-D arrays per signal
+    shards/shard-000000.zarr/       one Zarr v3 group per data shard: per signal, flat 1-D arrays
+                                    ("parts", one per writer flush: <signal>/part-0000, ...)
     shards/shard-000000.parquet     index: one row per sample (key, offsets and shapes per signal, ...)
     shards/shard-000000.done        commit marker, written last; readers ignore shards without it
 
@@ -26,7 +27,7 @@ SIGNAL_ROLES = {"first_tv": "perception", "penult_tv": "planning", "mid": "reaso
 
 # Index columns per sample; each signal adds f"{signal}_{suffix}" for these suffixes.
 INDEX_COLUMNS = ("key", "shard", "capability", "seq_len", "n_text", "n_vision", "layout_digest", "layout")
-SIGNAL_COLUMNS = ("offset", "count", "row_offset", "rows", "shape")
+SIGNAL_COLUMNS = ("part", "offset", "count", "row_offset", "rows", "shape")
 
 
 def shard_stem(index: int) -> str:
@@ -62,7 +63,7 @@ class CacheManifest:
     signals: dict[str, SignalSpec]
     """signal name -> SignalSpec; only the signals stored."""
     codec: dict
-    """codec name and parameters (cache_teacher.codecs describe())."""
+    """codec name and parameters (pipeline.cache_codecs describe())."""
     dtype: str
     """dtype the teacher ran in (maps are always formed in float32)."""
     layout: dict

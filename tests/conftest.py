@@ -38,3 +38,15 @@ def make_sample(n_views: int = 1, *, key: str = "k0", capability: str = "percept
     record = QARecord(key=key, capability=capability, images=refs, question="<image>\n" * n_views + question,
                       answer=answer, source="test.json", index=0)
     return record, images
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A generated driving QA set of 8 samples ingested into 3 WebDataset shards."""
+    from pipeline.demo_data import generate
+    from pipeline.ingest import ingest
+
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "demo", samples=8, seed=3)
+    ingest(root / "demo" / "qa.json", root / "demo", root / "shards", shard_size=3)
+    return root / "shards"

@@ -115,6 +115,13 @@ def test_stage2_order_matters_with_three_terms():
     assert differs
 
 
+def test_coefficients_need_no_host_values():
+    """Meta tensors have no values: any .item() or branch on a tensor value would raise."""
+    gram = torch.empty(4, 4, device="meta")
+    coeffs, fired = agp_coefficients(gram, torch.empty(3, dtype=torch.long, device="meta"))
+    assert coeffs.shape == (4,) and fired.shape == (2, 3)
+
+
 def test_reference_rejects_bad_order():
     with pytest.raises(ValueError):
         agp_reference(torch.zeros(2), {"p": torch.zeros(2)}, ["r"])

@@ -1,18 +1,10 @@
-"""Attention losses and term mixing (METHOD §3-4) against naive loops and hand-computed values."""
+"""Attention-map geometry, losses and term mixing (METHOD §3-4) against naive loops and hand-computed values."""
 
 import pytest
 import torch
 
-from train_student.losses import (
-    dense_to_tril,
-    group_layers,
-    group_mean,
-    masked_tv_mse,
-    reasoning_mse,
-    resolve_layer_range,
-    tril_to_dense,
-    tv_block,
-)
+from pipeline.attention_maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tril_to_dense, tv_block
+from train_student.losses import masked_tv_mse, reasoning_mse
 from train_student.mixing import DEFAULT_MIX, normalise_mix, term_weights
 
 

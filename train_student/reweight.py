@@ -6,6 +6,10 @@ window ``observe`` collects each term's raw loss and the norm of its unweighted 
 (once per optimizer step) moves the weights so that each term's share of the weighted gradient
 norm approaches its static share, with one AdamW step on ``a`` followed by a renormalisation.
 
+As in the reference trainer, a window mean divides a term's sum by the number of micro-steps in
+the window (also those where the term was absent), and only the loss ratios are constants in the
+objective: ``Gs = sum G_k`` keeps its dependence on the weights.
+
 All state lives on one device as tensors and ``step`` is free of host syncs: terms absent from the
 window, and windows where fewer than two terms were present or every gradient norm was 0, are left
 untouched through masks (AdamW state included), as the reference trainer skips them.
@@ -25,6 +29,7 @@ ADAM_EPS = 1e-8
 LOSS0_FLOOR = 1e-12
 _STATE_KEYS = (
     "a", "exp_avg", "exp_avg_sq", "steps", "loss0", "has_loss0", "loss_sum", "norm_sum", "count",
+    "micro_steps",
 )
 
 
@@ -66,7 +71,9 @@ class LossReweighter:
         if not any(v > 0 for v in static.values()):
             problems.append(f"at least one static weight must be > 0, got {static}")
         if not (math.isfinite(alpha) and lr > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            problems.append(f"need finite alpha, lr > 0, betas in [0, 1); got {alpha}, {lr}, {betas}")
+            problems.append(
+                f"need a finite alpha, lr > 0 and betas in [0, 1); got {alpha}, {lr}, {betas}"
+            )
         if ce_floor < 0:
             problems.append(f"ce_floor must be >= 0, got {ce_floor}")
         if problems:
@@ -88,6 +95,7 @@ class LossReweighter:
             "loss_sum": zeros.clone(),
             "norm_sum": zeros.clone(),
             "count": zeros.clone(),
+            "micro_steps": torch.zeros((), device=self.device),
         }
 
     def _weight_vector(self, a: Tensor) -> Tensor:
@@ -115,22 +123,27 @@ class LossReweighter:
             vec = torch.stack([values[k].detach().float().to(self.device) for k in keys])
             st[name].index_add_(0, index, vec)
         st["count"].index_add_(0, index, torch.ones(len(keys), device=self.device))
+        st["micro_steps"] += 1
 
-    def _objective_grad(self, present: Tensor, mean_loss: Tensor, mean_norm: Tensor) -> tuple[Tensor, Tensor]:
-        """Gradient of ``sum_k |G_k - target_k|`` w.r.t. ``a`` (target detached) and ``Gs``."""
+    def _objective_grad(
+        self, present: Tensor, mean_loss: Tensor, mean_norm: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Gradient of ``sum_k |G_k - target_k|`` w.r.t. ``a`` (``Gs`` in the targets not
+        detached; loss ratios constant) and ``Gs``."""
         a = self.state["a"].detach().requires_grad_(True)
-        big_g = torch.where(present, self._weight_vector(a) * mean_norm, torch.zeros_like(mean_norm))
-        g_sum = big_g.sum().detach()
+        zeros = torch.zeros_like(mean_norm)
+        big_g = torch.where(present, self._weight_vector(a) * mean_norm, zeros)
+        g_sum = big_g.sum()
         static = torch.where(present, self.static, torch.zeros_like(self.static))
         target = static / static.sum().clamp_min(W_MIN) * g_sum
         if self.alpha != 0.0:
             ratio = mean_loss / self.state["loss0"].clamp_min(LOSS0_FLOOR)
             ratio = torch.where(present, ratio, torch.zeros_like(ratio))
-            r_bar = ratio.sum() / present.sum().clamp_min(1)
+            r_bar = (ratio.sum() / present.sum().clamp_min(1)).clamp_min(LOSS0_FLOOR)
             target = target * (ratio / r_bar).pow(self.alpha)
-        objective = torch.where(present, (big_g - target).abs(), torch.zeros_like(big_g)).sum()
+        objective = torch.where(present, (big_g - target).abs(), zeros).sum()
         (grad,) = torch.autograd.grad(objective, a)
-        return grad, g_sum
+        return grad, g_sum.detach()
 
     def _adamw(self, grad: Tensor, update: Tensor) -> Tensor:
         """One AdamW step (weight decay 0) on the masked entries of ``a``; returns the new ``a``."""
@@ -152,8 +165,9 @@ class LossReweighter:
         step). Returns the new weights (see ``weights``)."""
         st = self.state
         present = st["count"] > 0
-        mean_loss = st["loss_sum"] / st["count"].clamp_min(1)
-        mean_norm = st["norm_sum"] / st["count"].clamp_min(1)
+        micro_steps = st["micro_steps"].clamp_min(1)
+        mean_loss = st["loss_sum"] / micro_steps
+        mean_norm = st["norm_sum"] / micro_steps
         enough = present & (present.sum() >= 2)
         first = enough & ~st["has_loss0"]
         st["loss0"] = torch.where(first, mean_loss, st["loss0"])
@@ -166,7 +180,7 @@ class LossReweighter:
         w = (w * static.sum() / subset).clamp(W_MIN, W_MAX)
         w = torch.where(self.is_ce, w.clamp_min(self.ce_floor), w)
         st["a"] = torch.where(update, _inverse_softplus(w), st["a"])
-        for key in ("loss_sum", "norm_sum", "count"):
+        for key in ("loss_sum", "norm_sum", "count", "micro_steps"):
             st[key] = torch.zeros_like(st[key])
         return self.weights()
 

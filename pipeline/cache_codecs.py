@@ -16,10 +16,13 @@ Codecs (all frozen dataclasses sharing the same four methods; `CODECS` maps name
   row_max * rel_floor). Keeps ~1.8% relative precision on every kept entry, small ones included,
   for log-type (KL) or cosine ablations; larger than `quant` at a matched Frobenius error.
 
-Measured on `synthetic_causal_attention` maps (packed lower triangle, bytes of the chunks against the
-raw float16 full S x S map), S=1800 with 6 image spans: lossless ~2.8x (byte shuffle beat
-bitshuffle 2.63x, byte-splitting 2.84x and row-delta filters at most 3.0x, near the 2.74x order-0
-entropy of the float16 values), quant ~11x at <= 0.95%, log8 ~5x at ~0.6%.
+Measured on `synthetic_causal_attention` maps (packed lower triangle; chunk bytes against the raw
+float16 full S x S map), S=1800 with 6 image spans, 3 seeds: lossless 2.6x (byte shuffle; bitshuffle
+was 8% larger, byte-splitting equal, a lossless row-delta filter 7% smaller but it chains rows
+across samples; the values sit near their order-0 entropy), quant 12.5-18x at <= 0.95%, log8 4.9x
+at ~0.6% (a 1e-3 floor: 5-16x at 1.0-1.3%; 12-bit log codes: 3.2x). Shuffle beat bitshuffle for
+the codes too (18.4x vs 15.5x); per-row steps were 10-20% larger than one step per map, and
+row-to-row prediction, low-rank predictors and dead-zone rounding did not pay.
 """
 
 from __future__ import annotations
@@ -30,17 +33,20 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec
+
+from pipeline.attention_maps import dense_to_tril
 
 CODEC_FORMAT_VERSION = 1
 CHUNK_BYTES = 2 << 20  # raw bytes per chunk: random access to one sample's block reads a few chunks
 _LOG8_LEVELS = 254  # codes 1..255 cover the log range; code 0 is an exact zero
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # shared helpers: argument checks and zarr array creation
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _blosc(clevel: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 
@@ -68,8 +74,8 @@ def _as_rows(n_values: int, row_lengths, block_rows, *, required: bool):
     """Validate the row structure; returns (row_lengths int64, block_rows int64) or (None, None)."""
     if row_lengths is None:
         if required:
-            raise ValueError("this codec keeps per-row parameters: pass row_lengths (elements per "
-                             "row, e.g. n_vision per text row or i + 1 for a packed lower triangle)")
+            raise ValueError("this codec keeps per-row parameters: pass row_lengths (elements "
+                             "per row: n_vision per text row, i + 1 for row i of a triangle)")
         if block_rows is not None:
             raise ValueError("block_rows needs row_lengths")
         return None, None
@@ -116,12 +122,13 @@ def _describe(codec) -> dict:
 
 def _check_clevel(clevel: int) -> None:
     if not (isinstance(clevel, int) and 1 <= clevel <= 9):
-        raise ValueError(f"clevel must be an integer in 1..9 (zstd level inside blosc), got {clevel!r}")
+        raise ValueError(f"clevel must be an integer in 1..9 (zstd level inside blosc), "
+                         f"got {clevel!r}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # codecs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Float16Codec:
     """`lossless`: float16 values, blosc-zstd with byte shuffle. Exact w.r.t. float16.
@@ -215,7 +222,8 @@ class UniformQuantCodec:
         elem_bounds = np.concatenate([[0], np.cumsum(lengths)])[row_bounds]
         for b in range(blocks.size):
             lo, hi = elem_bounds[b], elem_bounds[b + 1]
-            codes[lo:hi], row_step[row_bounds[b]:row_bounds[b + 1]] = self._quantise_block(values[lo:hi])
+            block_codes, step = self._quantise_block(values[lo:hi])
+            codes[lo:hi], row_step[row_bounds[b]:row_bounds[b + 1]] = block_codes, step
         top = codes.max() if codes.size else 0
         assert top < 2**32, f"quantisation code {top} does not fit uint32"
         dtype = next(d for d in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(d).max)
@@ -230,7 +238,7 @@ class UniformQuantCodec:
         lengths = _row_range(stop - start, row_start, row_lengths, node["step"].shape[0])
         step = node["step"][row_start:row_start + lengths.size]
         codes = node["codes"][start:stop].astype(np.float32)
-        if step.size and (step == step[0]).all():  # one block: scalar multiply, no per-element steps
+        if step.size and (step == step[0]).all():  # one block: no per-element step array
             return codes * step[0]
         return codes * np.repeat(step, lengths)
 
@@ -251,8 +259,8 @@ class LogQuantCodec:
 
     def __post_init__(self):
         if not (isinstance(self.rel_floor, float) and 0.0 < self.rel_floor < 1.0):
-            raise ValueError(f"rel_floor must be a float in (0, 1) (values below row_max * rel_floor "
-                             f"are stored as 0), got {self.rel_floor!r}")
+            raise ValueError(f"rel_floor must be a float in (0, 1) (values below "
+                             f"row_max * rel_floor are stored as 0), got {self.rel_floor!r}")
         _check_clevel(self.clevel)
 
     def describe(self) -> dict:
@@ -261,7 +269,8 @@ class LogQuantCodec:
     def _table(self) -> np.ndarray:
         """Decoded value of each code for row_max = 1: float32 [256]."""
         levels = np.arange(256, dtype=np.float64)
-        table = np.exp((levels - 1) / _LOG8_LEVELS * -np.log(self.rel_floor) + np.log(self.rel_floor))
+        log_floor = np.log(self.rel_floor)
+        table = np.exp(log_floor - (levels - 1) / _LOG8_LEVELS * log_floor)
         table[0] = 0.0
         return table.astype(np.float32)
 
@@ -294,7 +303,9 @@ class LogQuantCodec:
 
 
 Codec = Float16Codec | UniformQuantCodec | LogQuantCodec
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Float16Codec, UniformQuantCodec, LogQuantCodec)}
+CODECS: dict[str, type[Codec]] = {
+    c.name: c for c in (Float16Codec, UniformQuantCodec, LogQuantCodec)
+}
 DEFAULT_CODEC = "lossless"
 
 
@@ -315,33 +326,21 @@ def codec_from_description(description: Mapping) -> Codec:
     version = description.get("version")
     if version != CODEC_FORMAT_VERSION:
         raise ValueError(f"codec format version {version!r} is not supported by this reader "
-                         f"(supports {CODEC_FORMAT_VERSION}); upgrade drive-kd or rebuild the cache")
+                         f"(supports {CODEC_FORMAT_VERSION}); upgrade drive-kd or rebuild the "
+                         "cache")
     return get_codec(str(description.get("name")), **dict(description.get("params", {})))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # packing, error and size measurement
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def pack_tril(attention: np.ndarray) -> np.ndarray:
-    """Lower triangle of a causal map, row by row: [S, S] -> [S * (S + 1) / 2] (row i holds 0..i)."""
-    size = attention.shape[0]
-    if attention.shape != (size, size):
-        raise ValueError(f"a causal map must be square, got shape {attention.shape}")
-    return attention[np.tri(size, dtype=bool)]
-
-
-def unpack_tril(packed: np.ndarray, size: int) -> np.ndarray:
-    """Inverse of pack_tril: [S * (S + 1) / 2] -> [S, S] with zeros above the diagonal."""
-    if packed.shape != (size * (size + 1) // 2,):
-        raise ValueError(f"a packed triangle of size {size} has {size * (size + 1) // 2} values, "
-                         f"got shape {packed.shape}")
-    full = np.zeros((size, size), dtype=packed.dtype)
-    full[np.tri(size, dtype=bool)] = packed
-    return full
+    """numpy view of ``pipeline.attention_maps.dense_to_tril``: [S, S] -> [S * (S + 1) / 2]."""
+    return dense_to_tril(torch.from_numpy(np.ascontiguousarray(attention))).numpy()
 
 
 def relative_frobenius(reference: np.ndarray, approx: np.ndarray) -> float:
-    """||reference - approx||_F / ||reference||_F (float64); 0 if both are zero, inf if only ref is."""
+    """||reference - approx||_F / ||reference||_F in float64 (0 if both are 0, inf if only ref)."""
     ref = np.asarray(reference, dtype=np.float64)
     diff = float(np.linalg.norm(ref - np.asarray(approx, dtype=np.float64)))
     norm = float(np.linalg.norm(ref))
@@ -369,19 +368,20 @@ def measure(codec: Codec, maps: Sequence[np.ndarray], *, causal: bool = True) ->
     t0 = time.perf_counter()
     codec.write(group, "x", values, row_lengths=row_lengths, block_rows=[m.shape[0] for m in maps])
     t1 = time.perf_counter()
-    decoded = codec.read(group, "x", start=0, stop=values.size, row_start=0, row_lengths=row_lengths)
+    decoded = codec.read(group, "x", start=0, stop=values.size, row_lengths=row_lengths)
     t2 = time.perf_counter()
     stored = sum(len(buf) for key, buf in chunks.items() if not key.endswith("zarr.json"))
     raw = 2 * sum(m.size for m in maps)
     offsets = np.cumsum([0] + [b.size for b in blocks])
-    errors = [relative_frobenius(b, decoded[offsets[i]:offsets[i + 1]]) for i, b in enumerate(blocks)]
+    errors = [relative_frobenius(block, decoded[offsets[i]:offsets[i + 1]])
+              for i, block in enumerate(blocks)]
     return {"bytes_stored": stored, "bytes_raw_fp16_full": raw, "ratio": raw / max(stored, 1),
             "rel_error": max(errors, default=0.0), "encode_s": t1 - t0, "decode_s": t2 - t1}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # synthetic calibration input
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _smooth(noise: np.ndarray, width: float) -> np.ndarray:
     kernel = np.exp(-0.5 * (np.arange(-3 * width, 3 * width + 1) / width) ** 2)
     offset = (kernel.size - 1) // 2
@@ -415,7 +415,8 @@ def synthetic_causal_attention(size: int, n_vision_spans: int, seed: int, *, n_h
     side = max(1, int(np.sqrt(span_len)))
     row, col = grid // side, grid % side
     same_image = (image[:, None] == image[None, :]) & is_vision[:, None]
-    local = same_image & (np.abs(row[:, None] - row[None, :]) <= 1) & (np.abs(col[:, None] - col[None, :]) <= 1)
+    near = (np.abs(row[:, None] - row[None, :]) <= 1) & (np.abs(col[:, None] - col[None, :]) <= 1)
+    local = same_image & near
     distance = np.maximum(np.arange(size)[:, None] - np.arange(size)[None, :], 0).astype(np.float32)
     causal = np.tri(size, dtype=bool)
     attention = np.zeros((size, size), dtype=np.float32)

@@ -1,0 +1,3 @@
+from cache_teacher.cli import main
+
+main()

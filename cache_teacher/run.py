@@ -1,0 +1,233 @@
+"""The teacher-cache job: ``python -m cache_teacher --teacher NAME_OR_PATH --data SHARDS --out CACHE``.
+
+Reads top to bottom: config -> preflight (teacher, data, layers, layout, existing cache) -> the
+shards still to do -> workers (Ray actors, or the driver itself with ``--workers 0``) -> report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import platform
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
+from cache_teacher.store import committed_shards, filesystem, remove_shard
+from cache_teacher.worker import TeacherCacher, WorkerSettings, signal_plan
+from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
+from pipeline.models import resolve_model
+from pipeline.processors import family_of, load_processor
+from pipeline.shards import iter_shard, read_manifest, shard_paths
+from schemas.cache import MANIFEST_NAME, SIGNALS, CacheManifest
+
+
+@dataclass
+class CacheConfig:
+    """Settings of one cache job (all validated in ``validate``)."""
+
+    teacher: str
+    """teacher directory or known name (looked up under $MODEL_DIR)."""
+    data: str
+    """WebDataset shards directory written by pipeline.ingest."""
+    out: str
+    """cache directory (local path or fsspec URL)."""
+    signals: list[str] = field(default_factory=lambda: list(SIGNALS))
+    """signals to store: first_tv (perception), penult_tv (planning), mid (reasoning)."""
+    mid_start: int = 0
+    """first intermediate layer (negative counts from the end)."""
+    mid_end: int = -2
+    """last intermediate layer, inclusive."""
+    student_layers: int | None = None
+    """pre-group mid for a student of this many decoder layers (None: raw per-teacher-layer maps)."""
+    student: str | None = None
+    """student directory: its depth sets student_layers and its layout is checked against the teacher's."""
+    codec: str = DEFAULT_CODEC
+    """storage codec: lossless (float16 + zstd), quant (bounded-error uniform), log8."""
+    workers: int = 1
+    """Ray actors (each loads the teacher once); 0 runs in this process without Ray."""
+    gpus_per_worker: float = 1.0
+    """GPUs per actor (>1 spreads a large teacher with a device map); ignored without CUDA."""
+    cpus_per_worker: float = 0.5
+    """CPUs reserved per actor (fractional so small machines do not deadlock)."""
+    ray_address: str | None = None
+    """existing Ray cluster ('auto'); default starts a local Ray."""
+    batch_size: int = 1
+    """samples per forward (left-padded)."""
+    dtype: str = "auto"
+    """teacher weights dtype: bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    overwrite: bool = False
+    """replace an existing cache made with different settings."""
+    trust_remote_code: bool = False
+    """allow remote code when loading the teacher (off by default)."""
+
+    def validate(self) -> None:
+        problems = []
+        if not self.signals or set(self.signals) - set(SIGNALS):
+            problems.append(f"--signals {self.signals}: choose from {list(SIGNALS)}")
+        if self.codec not in CODECS:
+            problems.append(f"--codec {self.codec!r}: choose from {sorted(CODECS)}")
+        if self.workers < 0 or self.batch_size < 1:
+            problems.append(f"--workers {self.workers} must be >= 0 and --batch-size {self.batch_size} >= 1")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            problems.append(f"--dtype {self.dtype!r}: choose from auto, bf16, fp16, fp32")
+        if self.student and self.student_layers is not None:
+            problems.append("give --student or --student-layers, not both")
+        if self.student_layers is not None and self.student_layers < 2:
+            problems.append(f"--student-layers {self.student_layers} must be >= 2")
+        if problems:
+            raise ValueError("invalid cache settings:\n  " + "\n  ".join(problems))
+
+
+def _config_digest(model_dir) -> str:
+    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def build_manifest(config: CacheConfig, teacher_dir, data_manifest) -> CacheManifest:
+    """Resolve layers, tiling and codec into the manifest this run will write (or must match)."""
+    text = transformers.AutoConfig.from_pretrained(teacher_dir).get_text_config()
+    student_layers = config.student_layers
+    if config.student:
+        student_dir = resolve_model(config.student)
+        student_layers = transformers.AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
+    plan = signal_plan(text.num_hidden_layers, config.signals, mid_start=config.mid_start, mid_end=config.mid_end,
+                       student_layers=student_layers)
+    tiling = default_tiling(load_processor(teacher_dir))
+    dtype = config.dtype if config.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    return CacheManifest(
+        teacher={"name": teacher_dir.name, "path": str(teacher_dir), "family": family_of(teacher_dir),
+                 "config_digest": _config_digest(teacher_dir), "num_layers": text.num_hidden_layers,
+                 "num_heads": text.num_attention_heads},
+        signals=plan, codec=get_codec(config.codec).describe(), dtype=dtype,
+        layout={"layout_version": LAYOUT_VERSION, "tiling": tiling.describe()},
+        dataset={"dataset_digest": data_manifest.dataset_digest, "shards_dir": str(config.data),
+                 "samples": data_manifest.num_samples},
+        student_layers=student_layers,
+        created={"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "user": getpass.getuser(),
+                 "torch": torch.__version__, "transformers": transformers.__version__,
+                 "command": " ".join(sys.argv)})
+
+
+def check_layouts(config: CacheConfig, teacher_dir, manifest: CacheManifest, first_shard: str) -> None:
+    """The teacher's processor lays out the first sample; the student's (if given) must agree."""
+    sample = next(iter_shard(first_shard))
+    tiling = TilingPolicy(**manifest.layout["tiling"])
+    teacher = build_layout(sample.record, sample.images, load_processor(teacher_dir), tiling=tiling)
+    if config.student:
+        student_dir = resolve_model(config.student)
+        student = build_layout(sample.record, sample.images, load_processor(student_dir), tiling=tiling)
+        if student.digest != teacher.digest:
+            raise ValueError(
+                f"layout mismatch on sample {sample.key}: teacher digest {teacher.digest} "
+                f"(S={teacher.seq_len}, vision={teacher.n_vision}) vs student {student.digest} "
+                f"(S={student.seq_len}, vision={student.n_vision}). Likely cause: a different model family or "
+                "tokenizer, or a different image tiling; distil within one family.")
+
+
+def prepare_output(config: CacheConfig, manifest: CacheManifest) -> None:
+    """Write cache.json, or check an existing one matches (refuse unless --overwrite)."""
+    fs, root = filesystem(config.out)
+    path = posixpath.join(root, MANIFEST_NAME)
+    if fs.exists(path):
+        existing = CacheManifest.from_json(json.loads(fs.cat_file(path)), source=path)
+        diffs = existing.differences(manifest)
+        if diffs and not config.overwrite:
+            raise ValueError(f"{config.out} holds a cache made with different settings ({', '.join(diffs)}); "
+                             "use another --out, or --overwrite to replace it")
+        if not diffs:
+            return
+        fs.rm(root, recursive=True)
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(path, "w") as handle:
+            handle.write(manifest.dumps())
+    except OSError as err:
+        raise OSError(f"cannot write the cache manifest {path}: {err}. Choose a writable --out.") from err
+
+
+def worker_settings(config: CacheConfig, teacher_dir, manifest: CacheManifest) -> WorkerSettings:
+    device_map = None
+    if torch.cuda.is_available():
+        device_map = "auto" if config.gpus_per_worker > 1 else "cuda"
+    return WorkerSettings(teacher_dir=str(teacher_dir), dtype=manifest.dtype,
+                          plan={k: asdict(v) for k, v in manifest.signals.items()}, codec=manifest.codec,
+                          root=config.out, tiling=manifest.layout["tiling"], batch_size=config.batch_size,
+                          device_map=device_map, trust_remote_code=config.trust_remote_code)
+
+
+def run_in_process(settings: WorkerSettings, todo: list, bar) -> list[dict]:
+    cacher = TeacherCacher(settings)
+    results = []
+    for index, path, samples in todo:
+        results.append(cacher.process_shard(index, path, samples, progress=bar.update))
+        bar.set_postfix(shards=f"{len(results)}/{len(todo)}")
+    return results
+
+
+def run_with_ray(config: CacheConfig, settings: WorkerSettings, todo: list, bar) -> list[dict]:
+    """An actor pool: each actor loads the teacher once; one task per data shard; metadata returned."""
+    import ray
+    from ray.util.queue import Queue
+
+    ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
+             ignore_reinit_error=True, configure_logging=False)
+    try:
+        progress = Queue(actor_options={"num_cpus": 0})
+        gpus = config.gpus_per_worker if torch.cuda.is_available() else 0
+        actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus)(TeacherCacher)
+        idle = [actor_cls.remote(settings) for _ in range(min(config.workers, len(todo)))]
+        queue, running, results = list(todo), {}, []
+        while queue or running:
+            while queue and idle:
+                index, path, samples = queue.pop(0)
+                actor = idle.pop()
+                ref = actor.process_shard.remote(index, path, samples, progress=progress.put)
+                running[ref] = actor
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            bar.update(sum(progress.get_nowait_batch(progress.qsize())))
+            for ref in done:
+                idle.append(running.pop(ref))
+                results.append(ray.get(ref))  # re-raises the worker's error with shard and sample key
+                bar.set_postfix(shards=f"{len(results)}/{len(todo)}")
+        bar.update(sum(progress.get_nowait_batch(progress.qsize())))
+        return results
+    finally:
+        ray.shutdown()
+
+
+def run(config: CacheConfig) -> CacheManifest:
+    """Cache every data shard not yet committed. Returns the manifest."""
+    config.validate()
+    teacher_dir = resolve_model(config.teacher)
+    data_manifest = read_manifest(config.data)
+    paths = shard_paths(config.data)
+    missing = [p for p in paths if not filesystem(p)[0].exists(filesystem(p)[1])]
+    if missing:
+        raise FileNotFoundError(f"data shard(s) missing: {', '.join(missing)}; re-run pipeline.ingest")
+    manifest = build_manifest(config, teacher_dir, data_manifest)
+    check_layouts(config, teacher_dir, manifest, paths[0])
+    prepare_output(config, manifest)
+    done = committed_shards(config.out)
+    todo = [(i, p, e.samples) for i, (p, e) in enumerate(zip(paths, data_manifest.shards)) if i not in done]
+    for index, _, _ in todo:
+        remove_shard(config.out, index)  # partial leftovers of an interrupted run
+    print(f"cache {config.out}: {len(done)} shard(s) committed, {len(todo)} to do; teacher "
+          f"{manifest.teacher['name']} ({manifest.teacher['num_layers']} layers), signals "
+          f"{ {k: v.layers if len(v.layers) < 4 else f'{v.layers[0]}..{v.layers[-1]}' for k, v in manifest.signals.items()} }",
+          file=sys.stderr)
+    if todo:
+        settings = worker_settings(config, teacher_dir, manifest)
+        with tqdm(total=sum(t[2] for t in todo), unit="sample", desc="caching", dynamic_ncols=True) as bar:
+            if config.workers == 0:
+                run_in_process(settings, todo, bar)
+            else:
+                run_with_ray(config, settings, todo, bar)
+    return manifest

@@ -1,0 +1,200 @@
+"""Tests for the synthetic driving QA generator (pipeline.demo_data, pipeline.scenes)."""
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.demo_data import (
+    ACTION_OPTIONS, CAPABILITIES, LETTERS, STOP_REASON_OPTIONS, TARGET_LANE_OPTIONS, build_samples, generate, main,
+    vocabulary_corpus,
+)
+from pipeline.scenes import (
+    COLOURS, FRONT, LAMP_ON, LIGHT_BOX, LIGHT_STATES, SURROUND, plan_action, render, sample_scene, stop_causes,
+)
+
+SAMPLES = 120
+SIZE = 112
+REF = re.compile(r"<(c\d+),(CAM_[A-Z_]+),(\d\.\d{4}),(\d\.\d{4})>")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three generated folders: seed 0, seed 0 again, seed 1."""
+    folders = {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        folders[name] = tmp_path_factory.mktemp(name)
+        generate(folders[name], samples=SAMPLES, seed=seed, image_size=SIZE)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return build_samples(samples=SAMPLES, seed=0)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _answer_text(record: dict) -> tuple[str, str]:
+    """(letter, text of the chosen option) of a record's answer."""
+    answer = record["messages"][1]["content"]
+    letter = answer[0]
+    options = dict(re.findall(r"^([A-D])\. (.*)$", record["messages"][0]["content"], flags=re.M))
+    assert answer.startswith(f"{letter}. {options[letter]}"), (answer, options)
+    return letter, options[letter]
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(runs):
+    first = _files(runs["first"])
+    assert "qa.json" in first and len(first) > SAMPLES
+    assert first == _files(runs["again"])
+    other = _files(runs["other"])
+    assert first["qa.json"] != other["qa.json"]
+    assert any(first[name] != other.get(name) for name in first if name.endswith(".png"))
+
+
+def test_records_follow_the_authors_format(runs):
+    records = json.loads((runs["first"] / "qa.json").read_text())
+    assert isinstance(records, list) and len(records) == SAMPLES
+    for record in records:
+        assert set(record) == {"messages", "images", "question_type"}
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["question_type"] in CAPABILITIES
+        placeholders = record["messages"][0]["content"].count("<image>")
+        assert placeholders in (0, len(record["images"]))
+        cameras = tuple(Path(path).stem for path in record["images"])
+        assert cameras in ((FRONT,), SURROUND)
+        for path in record["images"]:
+            assert (runs["first"] / path).is_file()
+            assert Image.open(runs["first"] / path).size == (SIZE, SIZE)
+        letters = re.findall(r"^([A-D])\. ", record["messages"][0]["content"], flags=re.M)
+        assert "".join(letters) == LETTERS[:len(letters)] and len(letters) >= 3
+        letter, _ = _answer_text(record)
+        assert letter in letters
+    assert any(r["messages"][0]["content"].count("<image>") == 0 for r in records)
+    assert 0.1 < sum(len(r["images"]) == 6 for r in records) / SAMPLES < 0.4
+
+
+def test_capabilities_and_answer_letters_are_balanced(samples):
+    capabilities = Counter(s.record["question_type"] for s in samples)
+    assert all(abs(capabilities[c] - SAMPLES / 3) <= 1 for c in CAPABILITIES), capabilities
+    letters = defaultdict(Counter)
+    for sample in samples:
+        letters[sample.record["question_type"]][_answer_text(sample.record)[0]] += 1
+    for capability, counts in letters.items():
+        assert max(counts.values()) <= 0.4 * sum(counts.values()), (capability, counts)
+    actions = Counter(_answer_text(s.record)[1] for s in samples if s.family == "action")
+    assert set(actions) == set(ACTION_OPTIONS.values()) and max(actions.values()) - min(actions.values()) <= 1
+
+
+def test_generate_writes_the_records_of_build_samples(runs, samples):
+    assert json.loads((runs["first"] / "qa.json").read_text()) == [s.record for s in samples]
+
+
+def test_object_references_match_the_scene_and_the_pixels(runs, samples):
+    checked = 0
+    for sample in samples:
+        objects = {obj.oid: obj for obj in sample.scene.objects}
+        text = " ".join(m["content"] for m in sample.record["messages"])
+        for oid, camera, x, y in REF.findall(text):
+            obj = objects[oid]
+            assert (obj.camera, f"{obj.x:.4f}", f"{obj.y:.4f}") == (camera, x, y)
+            image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{camera}.png")
+            assert image.getpixel((int(float(x) * SIZE), int(float(y) * SIZE))) == COLOURS[obj.colour]
+            checked += 1
+    assert checked > SAMPLES
+
+
+def test_colour_answers_match_the_drawn_object(runs, samples):
+    colour_samples = [s for s in samples if s.family == "colour"]
+    assert colour_samples
+    for sample in colour_samples:
+        colour = _answer_text(sample.record)[1].lower()
+        _, camera, x, y = REF.search(sample.record["messages"][0]["content"]).groups()
+        image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{camera}.png")
+        assert image.getpixel((int(float(x) * SIZE), int(float(y) * SIZE))) == COLOURS[colour]
+
+
+def test_planning_answers_follow_the_driving_rules(samples):
+    planning = [s for s in samples if s.record["question_type"] == "planning"]
+    assert {s.family for s in planning} == {"action", "target_lane", "stop_reason"}
+    for sample in planning:
+        answer = _answer_text(sample.record)[1]
+        action, _ = plan_action(sample.scene)
+        if sample.family == "action":
+            assert answer == ACTION_OPTIONS[action]
+        elif sample.family == "target_lane":
+            lane = {"change_left": "left", "change_right": "right"}.get(action, "ego")
+            assert answer == TARGET_LANE_OPTIONS[lane]
+        else:
+            (cause, _), = stop_causes(sample.scene)
+            assert action == "stop" and answer == STOP_REASON_OPTIONS[cause]
+
+
+@pytest.mark.parametrize("settings, action", [
+    ({"light": "red"}, "stop"),
+    ({"sign": "stop"}, "stop"),
+    ({"crossing": True}, "stop"),
+    ({"light": "yellow", "sign": None, "crossing": False}, "slow_down"),
+    ({"light": "green", "sign": None, "crossing": False, "lead": "moving_close"}, "slow_down"),
+    ({"light": None, "sign": None, "crossing": False, "lead": "stopped", "left_busy": True, "right_busy": True},
+     "slow_down"),
+    ({"light": None, "sign": None, "crossing": False, "lead": "stopped", "left_busy": False}, "change_left"),
+    ({"light": None, "sign": None, "crossing": False, "lead": "stopped", "left_busy": True, "right_busy": False},
+     "change_right"),
+    ({"light": "green", "sign": "speed_limit", "crossing": False, "lead": None}, "keep_going"),
+    ({"light": None, "sign": None, "crossing": False, "lead": "moving_far"}, "keep_going"),
+])
+def test_plan_action_rules(settings, action):
+    for seed in range(5):
+        scene = sample_scene(random.Random(seed), "000000", (FRONT,), **settings)
+        assert plan_action(scene)[0] == action
+
+
+@pytest.mark.parametrize("state", LIGHT_STATES)
+def test_traffic_light_shows_its_state(state):
+    scene = sample_scene(random.Random(0), "000000", (FRONT,), light=state)
+    image = render(scene, FRONT, SIZE)
+    x0, y0, x1, y1 = LIGHT_BOX
+    lamp_y = y0 + (y1 - y0) * (LIGHT_STATES.index(state) + 0.5) / 3
+    assert image.getpixel((int((x0 + x1) / 2 * SIZE), int(lamp_y * SIZE))) == LAMP_ON[state]
+
+
+def test_six_view_records_use_nuscenes_cameras_in_order():
+    for sample in build_samples(samples=12, seed=2, views="6"):
+        assert sample.scene.cameras == SURROUND
+        assert sample.record["images"] == [f"images/{sample.scene.scene_id}/{cam}.png" for cam in SURROUND]
+
+
+def test_vocabulary_corpus_covers_other_runs():
+    words = {w for text in vocabulary_corpus(seed=0, samples=300) for w in re.findall(r"[A-Za-z_]+", text)}
+    for sample in build_samples(samples=200, seed=7):
+        for message in sample.record["messages"]:
+            text = message["content"].replace("<image>", "")
+            assert set(re.findall(r"[A-Za-z_]+", text)) <= words, text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"samples": 0}, "samples"),
+    ({"samples": 3, "views": "3"}, "views"),
+    ({"samples": 3, "image_size": 32}, "image_size"),
+])
+def test_invalid_arguments_are_explained(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tmp_path, **kwargs)
+
+
+def test_cli_writes_six_view_set(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--samples", "4", "--views", "6", "--image-size", "96"])
+    records = json.loads((tmp_path / "qa.json").read_text())
+    assert len(records) == 4 and all(len(r["images"]) == 6 for r in records)
+    assert "wrote 4 records and 24 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
