@@ -17,7 +17,12 @@ SAMPLES ?= 240
 PYTEST_ARGS ?=
 export MODEL_DIR
 
-.PHONY: help venv test demo-data clean-venv
+WORKERS ?= 1
+GPUS_PER_WORKER ?= 1
+CACHE_ARGS ?=
+TEACHER_NAME = $(notdir $(patsubst %/,%,$(TEACHER)))
+
+.PHONY: help venv test demo-data cache bench-cache clean-venv
 
 help: ## list the targets and their variables
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +43,13 @@ test: venv ## run the whole test suite (unit + integration on tiny models, CPU)
 demo-data: venv ## generate the driving QA set (data/demo) and ingest it to WebDataset shards (data/shards)
 	$(PY) -m pipeline.demo_data --out data/demo --samples $(SAMPLES)
 	$(PY) -m pipeline.ingest --qa data/demo/qa.json --image-root data/demo --out $(DATA)
+
+cache: venv ## cache TEACHER's attention over DATA into CACHES/<teacher name> (Ray; WORKERS, GPUS_PER_WORKER, CACHE_ARGS)
+	$(PY) -m cache_teacher --teacher $(TEACHER) --data $(DATA) --out $(CACHES)/$(TEACHER_NAME) \
+		--workers $(WORKERS) --gpus-per-worker $(GPUS_PER_WORKER) $(CACHE_ARGS)
+
+bench-cache: venv ## benchmark capture vs eager attention and cache bytes per codec (benchmarks/results/)
+	$(PY) -m cache_teacher.bench $(BENCH_ARGS)
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

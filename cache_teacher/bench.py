@@ -1,0 +1,196 @@
+"""Benchmark of the teacher-cache job: capture vs eager forward, and bytes per sample per codec.
+
+    python -m cache_teacher.bench                         # CPU, tiny teacher, generated 6-view samples
+    python -m cache_teacher.bench --teacher models/demo-teacher --data data/shards
+    python -m cache_teacher.bench --real-shape InternVL3-8B   # GPU: random weights, real shapes
+
+Writes ``benchmarks/results/cache_<device>.json``. Speed and memory figures do not depend on weight
+values; storage figures do (attention sparsity), so they are reported for the teacher measured and
+for the synthetic calibration maps of ``pipeline.cache_codecs`` separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_teacher.worker import signal_plan, slice_sample
+from pipeline.attention_maps import tril_to_dense
+from pipeline.cache_codecs import CODECS, get_codec, measure, synthetic_causal_attention
+from pipeline.capture import AttentionCapture, enable_capture
+from pipeline.layout import build_layout
+from pipeline.models import build_tiny, load_model, real_config
+from pipeline.processors import load_processor
+from pipeline.shards import iter_samples
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated, or on CPU the RSS high-water above the start
+    (sampled every 2 ms from /proc/self/statm)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    def _poll(self, base: int) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - base)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._poll, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict:
+    durations = []
+    with PeakMemory(device) as mem, torch.no_grad():
+        for item in inputs:
+            batch = {k: v.to(device) for k, v in item.items()}
+            start = time.perf_counter()
+            if mode == "capture":
+                with AttentionCapture(model, layers):
+                    model(**batch)
+            else:
+                model(**batch, output_attentions=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            durations.append(time.perf_counter() - start)
+    steady = durations[1:] or durations
+    return {"samples_per_s": 1.0 / statistics.mean(steady), "median_s": statistics.median(steady),
+            "peak_memory_gb": mem.peak / 2**30}
+
+
+def synthetic_inputs(config, n: int, views: int, device) -> list[dict]:
+    """Real-shape InternVL inputs: chat text, ``views`` image spans of 256 tokens, random pixels."""
+    g = torch.Generator().manual_seed(0)
+    image = [151665] + [config.image_token_id] * config.image_seq_length + [151666, 198]
+    items = []
+    for _ in range(n):
+        ids = torch.randint(1000, 100000, (20,), generator=g).tolist() + image * views \
+            + torch.randint(1000, 100000, (160,), generator=g).tolist()
+        pixels = torch.randn(views, 3, 448, 448, generator=g).to(torch.bfloat16)
+        items.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                      "pixel_values": pixels})
+    return items
+
+
+def _tiny_setup(workdir: Path, samples: int):
+    from pipeline.demo_data import generate
+    from pipeline.ingest import ingest
+
+    generate(workdir / "demo", samples=samples, seed=7, views="6")
+    ingest(workdir / "demo" / "qa.json", workdir / "demo", workdir / "shards", shard_size=samples)
+    return build_tiny("internvl", "teacher", workdir / "teacher"), workdir / "shards"
+
+
+def storage_figures(model, processor, samples, plan, device) -> dict:
+    """Bytes per sample per signal and codec vs raw float16 full S x S maps, with relative errors."""
+    blocks: dict[str, list[np.ndarray]] = {name: [] for name in plan}
+    for sample in samples:
+        lay = build_layout(sample.record, sample.images, processor)
+        with torch.no_grad(), AttentionCapture(model, sorted({l for s in plan.values() for l in s.layers})) as cap:
+            model(**{k: v.to(device) for k, v in lay.model_inputs.items()})
+        sliced = slice_sample({k: v[0] for k, v in cap.maps.items()}, lay.is_vision, plan)
+        for name, block in sliced.items():
+            maps = [block] if name != "mid" else [tril_to_dense(torch.from_numpy(r), lay.seq_len).numpy() for r in block]
+            blocks[name].append((maps, lay.seq_len))
+    out = {}
+    for name, per_sample in blocks.items():
+        causal = name == "mid"
+        maps = [m for sample_maps, _ in per_sample for m in sample_maps]
+        raw_full = sum(2 * s * s * len(m) for m, s in per_sample)
+        out[name] = {}
+        for codec_name in CODECS:
+            result = measure(get_codec(codec_name), maps, causal=causal)
+            out[name][codec_name] = {"bytes_per_sample": result["bytes_stored"] / len(per_sample),
+                                     "raw_fp16_full_bytes_per_sample": raw_full / len(per_sample),
+                                     "ratio_vs_raw_fp16_full": raw_full / max(result["bytes_stored"], 1),
+                                     "max_rel_frobenius_error": result["rel_error"]}
+    return out
+
+
+def synthetic_storage(size: int = 1800) -> dict:
+    maps = [synthetic_causal_attention(size, 6, seed)[0] for seed in range(2)]
+    return {name: {k: measure(get_codec(name), maps)[k] for k in ("ratio", "rel_error")} for name in CODECS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cache_teacher.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", help="teacher directory (default: a tiny random teacher)")
+    p.add_argument("--data", help="shards directory (default: generated 6-view samples)")
+    p.add_argument("--real-shape", help="random-initialised real-size model, e.g. InternVL3-8B (GPU)")
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--views", type=int, default=6)
+    p.add_argument("--out", help="results JSON (default benchmarks/results/cache_<device>.json)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": device_name, "machine": platform.node(), "torch": torch.__version__,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python -m cache_teacher.bench "
+              + " ".join(argv if argv is not None else sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.real_shape:
+            if device.type != "cuda":
+                raise SystemExit("--real-shape needs a GPU: a real-size teacher does not fit a CPU benchmark")
+            from transformers import AutoModelForImageTextToText
+
+            config = real_config(args.real_shape)
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).to(device).eval()
+            inputs = synthetic_inputs(config, args.samples, args.views, device)
+            samples, processor = None, None
+        else:
+            teacher, data = (args.teacher, args.data) if args.teacher else _tiny_setup(Path(tmp), args.samples)
+            model = load_model(teacher).to(device).eval()
+            processor = load_processor(teacher)
+            samples = list(iter_samples(data))[: args.samples]
+            inputs = [build_layout(s.record, s.images, processor).model_inputs for s in samples]
+        result["model"] = args.real_shape or str(args.teacher or "tiny internvl teacher")
+        n_layers = model.config.get_text_config().num_hidden_layers
+        plan = signal_plan(n_layers, ["first_tv", "penult_tv", "mid"])
+        layers = sorted({l for s in plan.values() for l in s.layers})
+        result["seq_len"] = statistics.mean(int(x["input_ids"].shape[1]) for x in inputs)
+        model.set_attn_implementation({"text_config": "eager"})  # the baseline: every LM layer materialises
+        result["eager_output_attentions"] = _time_forwards(model, inputs, device, layers, "eager")
+        enable_capture(model)
+        result["capture"] = _time_forwards(model, inputs, device, layers, "capture")
+        result["speedup"] = result["capture"]["samples_per_s"] / result["eager_output_attentions"]["samples_per_s"]
+        if samples is not None:
+            result["storage"] = storage_figures(model, processor, samples, plan, device)
+    result["storage_synthetic_S1800"] = synthetic_storage()
+    out = Path(args.out or f"benchmarks/results/cache_{device_name.replace(' ', '_') or 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
