@@ -96,6 +96,11 @@ class EvalConfig:
             problems.append(f"limit must be >= 1, got {self.limit}")
         if (self.judge_url is None) != (self.judge_model is None):
             problems.append("judge_url and judge_model go together: pass both --judge URL and --judge-model NAME")
+        elif self.judge_url is not None:
+            try:
+                JudgeConfig(url=self.judge_url, model=self.judge_model)  # fail before hours of generation
+            except ValueError as err:
+                problems.append(str(err))
         if self.dtype is not None and self.dtype not in DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         device_problem = efficiency.device_problem(self.device)
@@ -300,6 +305,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
 
     predictions = answer_all(config, model_dir, data)
+    write_predictions(predictions, out / "predictions.jsonl")  # kept if the judge fails
     predictions = judge_open_ended(predictions, config, out / "judge_log.jsonl")
     write_predictions(predictions, out / "predictions.jsonl")
 

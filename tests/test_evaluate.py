@@ -221,6 +221,8 @@ def test_config_reports_every_problem_with_the_fix():
         EvalConfig(model="m", data="d", out="o", judge_url="http://127.0.0.1:1", batch_size=0, dtype="int4")
     message = str(error.value)
     assert "--judge-model" in message and "batch_size must be >= 1" in message and "dtype 'int4'" in message
+    with pytest.raises(ValueError, match="url must be an http"):  # checked before any answer is generated
+        EvalConfig(model="m", data="d", out="o", judge_url="ftp://judge", judge_model="j")
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

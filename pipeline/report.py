@@ -1,0 +1,172 @@
+"""The run report: ``python -m pipeline.report`` writes ``REPORT_DIR/report.md`` and its PNGs.
+
+Sections: the score table (teacher, SFT baseline, Drive-KD student) from the evaluation files, loss
+curves of the training runs with each distillation term, gradient-conflict statistics (projections
+fired, pairwise cosines), cache size per signal, and text-to-vision attention overlays of a few
+held-out samples per capability (first decoder layer, each model over the camera views). Every
+number in the report is read from the files it names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.attention_maps import tv_block
+from pipeline.attention_plot import draw_overlays, view_heats
+from pipeline.cache_reader import open_cache
+from pipeline.capture import AttentionCapture, enable_capture
+from pipeline.curves import plot_runs, read_metrics
+from pipeline.layout import build_layout
+from pipeline.models import load_model
+from pipeline.processors import load_processor
+from pipeline.scoring import load_scores, render_table
+from pipeline.shards import iter_samples
+from schemas.qa import CAPABILITIES
+
+TERMS = ("p", "r", "d")
+TERM_NAMES = {"ce": "CE", "p": "perception", "r": "reasoning", "d": "planning"}
+
+
+def _pairs(text_list: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for item in text_list or []:
+        label, sep, value = item.partition("=")
+        if not sep or not label or not value:
+            raise ValueError(f"{what} {item!r}: expected LABEL=PATH")
+        pairs[label] = value
+    return pairs
+
+
+def score_section(evals: dict[str, str]) -> str:
+    runs = []
+    for label, path in evals.items():
+        scores = dict(load_scores(path))
+        scores["label"] = label
+        runs.append(scores)
+    notes = [f"- {label}: `{path}/scores.json`" for label, path in evals.items()]
+    return "## Scores (held-out split, % per capability)\n\n" + render_table(runs) + "\nSources:\n" + \
+        "\n".join(notes) + "\n"
+
+
+def gradient_section(label: str, rows: list[dict]) -> str:
+    """Projections fired per term (summed over steps) and mean pairwise gradient cosines."""
+    fired = {kind: {t: sum(r["fired"][kind].get(t, 0) for r in rows if "fired" in r) for t in TERMS}
+             for kind in ("anchor", "pairwise")}
+    cos: dict[str, list[float]] = {}
+    for r in rows:
+        for pair, value in r.get("cos", {}).items():
+            cos.setdefault(pair, []).append(value)
+    lines = [f"### {label}: gradient conflicts over {len(rows)} optimizer steps\n",
+             "| term | anchor projections fired (vs CE) | pairwise projections fired |", "|---|---:|---:|"]
+    lines += [f"| {TERM_NAMES[t]} | {fired['anchor'][t]:.0f} | {fired['pairwise'][t]:.0f} |" for t in TERMS]
+    if cos:
+        lines += ["", "| gradient pair | mean cosine | min | max |", "|---|---:|---:|---:|"]
+        for pair, values in sorted(cos.items()):
+            a, b = pair.split("/")
+            lines.append(f"| {TERM_NAMES[a]} / {TERM_NAMES[b]} | {sum(values) / len(values):+.3f} | "
+                         f"{min(values):+.3f} | {max(values):+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def cache_section(cache_dir: str) -> str:
+    """Stored bytes per signal against raw float16 full S x S maps."""
+    cache = open_cache(cache_dir)
+    root = Path(cache_dir)
+    lines = [f"## Cache `{cache_dir}` ({len(cache)} samples, codec `{cache.manifest.codec['name']}`, "
+             f"teacher {cache.manifest.teacher['name']})\n",
+             "| signal | teacher layers | stored bytes/sample | raw fp16 full maps bytes/sample | ratio |",
+             "|---|---|---:|---:|---:|"]
+    rows = list(cache.index.values())
+    for signal, spec in cache.manifest.signals.items():
+        stored = sum(f.stat().st_size for f in root.glob(f"shards/*.zarr/{signal}/**/c/**/*") if f.is_file())
+        raw = sum(2 * r["seq_len"] ** 2 * (r[f"{signal}_shape"][0] if signal == "mid" else 1) for r in rows)
+        n = max(1, len(rows))
+        lines.append(f"| {signal} ({spec.role}) | {spec.layers} | {stored / n:,.0f} | {raw / n:,.0f} | "
+                     f"{raw / max(stored, 1):.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def first_layer_heats(model_dir: str, samples) -> list[list]:
+    """Per sample, the first decoder layer's text-to-vision heat grids of one model."""
+    model = load_model(model_dir).eval()
+    enable_capture(model)
+    processor = load_processor(model_dir)
+    heats = []
+    for sample in samples:
+        lay = build_layout(sample.record, sample.images, processor)
+        with torch.no_grad(), AttentionCapture(model, [0]) as cap:
+            model(**lay.model_inputs)
+        block = tv_block(cap.maps[0][0], lay.is_vision).numpy()
+        heats.append(view_heats(block, lay.summary(), query="answer"))
+    return heats
+
+
+def overlay_section(models: dict[str, str], data: str, out: Path, per_capability: int) -> str:
+    chosen, counts = [], {c: 0 for c in CAPABILITIES}
+    for sample in iter_samples(data):
+        if counts[sample.record.capability] < per_capability:
+            counts[sample.record.capability] += 1
+            chosen.append(sample)
+    heats = {label: first_layer_heats(path, chosen) for label, path in models.items()}
+    lines = ["## Attention overlays (layer 0, text-to-vision, answer tokens as queries)\n"]
+    for i, sample in enumerate(chosen):
+        views = [ref.view or f"image {j}" for j, ref in enumerate(sample.record.images)]
+        fig = draw_overlays(sample.images, views, {label: h[i] for label, h in heats.items()},
+                            title=f"{sample.key} ({sample.record.capability}): {sample.record.answer[:80]}")
+        name = f"overlay_{sample.record.capability}_{sample.key}.png"
+        fig.savefig(out / name, dpi=90)
+        lines.append(f"**{sample.record.capability}** `{sample.key}`: {sample.record.answer[:120]}\n\n![{name}]({name})\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(*, out: str, evals: dict[str, str], runs: dict[str, str], cache: str | None,
+                 models: dict[str, str], data: str | None, per_capability: int = 2, title: str = "") -> Path:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Drive-KD run report{': ' + title if title else ''}\n"]
+    if evals:
+        parts.append(score_section(evals))
+    if runs:
+        metrics = {label: read_metrics(path) for label, path in runs.items()}
+        plot_runs(metrics, out_dir / "loss_curves.png")
+        parts.append("## Training curves\n\n![loss curves](loss_curves.png)\n\nSources: "
+                     + ", ".join(f"`{p}/metrics.jsonl`" for p in runs.values()) + "\n")
+        parts += [gradient_section(label, rows) for label, rows in metrics.items()
+                  if any(r.get("cos") for r in rows)]
+    if cache:
+        parts.append(cache_section(cache))
+    if models and data:
+        parts.append(overlay_section(models, data, out_dir, per_capability))
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example: python -m pipeline.report --out reports/demo "
+                                       "--eval teacher=reports/demo/eval-teacher --eval drive-kd=reports/demo/eval-kd "
+                                       "--run drive-kd=runs/demo-kd --cache caches/demo-teacher "
+                                       "--model teacher=models/demo-teacher --data data/shards-eval")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--eval", action="append", default=[], metavar="LABEL=DIR", help="evaluation output dir")
+    p.add_argument("--run", action="append", default=[], metavar="LABEL=DIR", help="training run dir")
+    p.add_argument("--cache", help="teacher cache directory")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=DIR", help="model for the overlays")
+    p.add_argument("--data", help="shards the overlay samples come from (held-out split)")
+    p.add_argument("--per-capability", type=int, default=2, help="overlay samples per capability")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    path = write_report(out=args.out, evals=_pairs(args.eval, "--eval"), runs=_pairs(args.run, "--run"),
+                        cache=args.cache, models=_pairs(args.model, "--model"), data=args.data,
+                        per_capability=args.per_capability, title=args.title)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Checkpoints: ``RUN_DIR/checkpoint-STEP/`` and the ``RUN_DIR/latest`` pointer.
+
+A checkpoint directory holds the student (``save_pretrained`` + processor: loadable with
+transformers alone), ``trainer_state.pt`` (optimizer, scheduler, reweighting state, RNG states incl.
+the AGP order generator) and ``meta.json`` (format version, resolved config, loop state: optimizer
+step, epoch, data position, samples, log sizes). It is written to ``checkpoint-STEP.tmp`` and
+renamed, then ``latest`` is replaced atomically, so a kill never leaves a half checkpoint behind
+``latest``. Checkpoints are only written at optimizer-step boundaries after finite losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train_student.config import differences
+
+CHECKPOINT_FORMAT = "drive-kd/student-checkpoint"
+CHECKPOINT_VERSION = 1
+META_NAME, STATE_NAME, LATEST_NAME = "meta.json", "trainer_state.pt", "latest"
+LOGS = ("metrics.jsonl", "samples.jsonl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, other version, incompatible config)."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands; saved in meta.json."""
+
+    step: int = 0
+    """optimizer steps done."""
+    epoch: int = 0
+    """current epoch (== epochs when the run is complete)."""
+    position: int = 0
+    """samples of this epoch's rank stream already consumed (trained or skipped)."""
+    samples: int = 0
+    """samples trained in total."""
+    skipped: int = 0
+    """samples skipped in total (--skip-missing)."""
+    log_bytes: dict = field(default_factory=lambda: {name: 0 for name in LOGS})
+    """sizes of the run's JSONL logs at this point (a resume truncates them back)."""
+
+
+def rng_state(generator: torch.Generator | None) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["agp_order"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["agp_order"])
+
+
+def save_checkpoint(run_dir: Path, *, model, processor, optimizer, scheduler, reweighter, generator,
+                    loop: LoopState, config: dict, keep_last: int = 0) -> Path:
+    """Write ``checkpoint-{loop.step}``, point ``latest`` at it and prune to ``keep_last`` (0: keep all)."""
+    name = f"checkpoint-{loop.step}"
+    final, tmp = run_dir / name, run_dir / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "reweighter": reweighter.state_dict() if reweighter is not None else None,
+                "rng": rng_state(generator)}, tmp / STATE_NAME)
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "loop": asdict(loop)}
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run_dir / f"{LATEST_NAME}.tmp"
+    pointer.write_text(name + "\n", encoding="utf-8")
+    os.replace(pointer, run_dir / LATEST_NAME)
+    if keep_last:
+        steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+        for step in steps[:-keep_last]:
+            shutil.rmtree(run_dir / f"checkpoint-{step}", ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``resume`` (a path, or "latest"), else RUN_DIR/latest if present."""
+    pointer = run_dir / LATEST_NAME
+    if resume not in (None, "latest"):
+        path = Path(resume)
+    elif pointer.is_file():
+        path = run_dir / pointer.read_text(encoding="utf-8").strip()
+    elif resume == "latest":
+        raise CheckpointError(f"--resume: {run_dir} has no {LATEST_NAME} checkpoint pointer; train without --resume "
+                              "to start this run, or pass --resume CHECKPOINT_DIR")
+    else:
+        return None
+    if not (path / META_NAME).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META_NAME}); pass --resume with a "
+                              f"checkpoint-STEP directory of this run, or remove {pointer} to start over")
+    return path
+
+
+def read_meta(path: Path, config: dict) -> tuple[dict, LoopState]:
+    """The checkpoint's meta and loop state; refuses another format version or a differing config."""
+    meta = json.loads((path / META_NAME).read_text(encoding="utf-8"))
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint {meta.get('format')!r} version {meta.get('version')!r}; this "
+                              f"trainer resumes {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
+    diffs = differences(meta["config"], config)
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs) +
+                              ". Resume with the checkpoint's settings (see its meta.json) or use another --out.")
+    return meta, LoopState(**meta["loop"])
+
+
+def restore_state(path: Path, *, optimizer, scheduler, reweighter, generator) -> None:
+    """Load optimizer, scheduler, reweighting and RNG states saved by ``save_checkpoint``."""
+    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if reweighter is not None:
+        reweighter.load_state_dict(state["reweighter"])
+    set_rng_state(state["rng"], generator)

@@ -1,0 +1,287 @@
+"""Streaming training data: WebDataset shards joined with cached teacher maps, decoded in DataLoader workers.
+
+A chain of small generator stages, each testable on plain lists::
+
+    epoch_shards (seeded shard order, split by rank) -> numbered_members (tar members grouped by key,
+    numbered in the rank's stream, resuming at a position without decoding) -> for_worker (every
+    num_workers-th sample) -> decode -> SampleJoiner (layout, digest check, cached targets)
+
+The rank's sample order does not depend on the number of workers: worker w takes stream positions
+``start + w, start + w + W, ...`` and the DataLoader's round-robin over workers returns them in stream
+order. Resuming an epoch at position p skips p samples without decoding them, so a run killed and
+resumed trains every sample of the epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+
+import fsspec
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.attention_maps import group_mean, resolve_layer_range
+from pipeline.cache_reader import TeacherCache, open_cache
+from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
+from pipeline.processors import load_processor
+from pipeline.shards import Sample, ShardError, decode_sample, group_by_key, read_manifest, tar_members
+from schemas.shards import MANIFEST_NAME
+
+ROLE_SIGNAL = {"perception": "first_tv", "reasoning": "mid", "planning": "penult_tv"}
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given (the message names the sample/cache and the fix)."""
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    path: str
+    samples: int
+
+
+@dataclass
+class TrainItem:
+    """One sample ready for a micro-step (tensors on the CPU), or a skipped sample (``skipped`` set).
+
+    inputs: the processor's batch-of-one model inputs; labels / is_vision: [S];
+    targets: role -> cached target, perception/planning [n_text, n_vision], reasoning
+    [k, S*(S+1)/2] (group means per student intermediate layer, packed lower triangles).
+    """
+
+    key: str
+    index: int
+    """position in the rank's epoch stream."""
+    capability: str = ""
+    inputs: dict = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    is_vision: torch.Tensor | None = None
+    answer_start: int = 0
+    targets: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+    def pin_memory(self) -> "TrainItem":
+        """Called by the DataLoader's pinning thread (page-locked host memory for async copies)."""
+        return replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
+                       targets={k: v.pin_memory() for k, v in self.targets.items()})
+
+
+# ---------------------------------------------------------------- stages
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when initialised, else $RANK / $WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def epoch_shards(shards: list[ShardRef], *, epoch: int, seed: int, shuffle: bool, rank: int = 0,
+                 world: int = 1) -> list[ShardRef]:
+    """This rank's shards for ``epoch``: a seeded per-epoch shard order, then every world-th shard."""
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order[rank::world]
+
+
+def numbered_members(shards: Iterable[ShardRef], *, start: int = 0) -> Iterator[tuple[int, str, dict, str]]:
+    """(stream position, key, {member: bytes}, shard path) from ``start`` on; earlier samples are not
+    decoded and whole shards before ``start`` are not opened. Checks each shard's sample count."""
+    index = 0
+    for shard in shards:
+        if index + shard.samples <= start:
+            index += shard.samples
+            continue
+        count = 0
+        try:
+            stream = fsspec.open(shard.path, "rb").open()
+        except FileNotFoundError as err:
+            raise ShardError(f"shard {shard.path} does not exist. Fix: re-run `python -m pipeline.ingest`.") from err
+        with stream:
+            for key, files in group_by_key(tar_members(stream, shard.path), shard.path):
+                if index >= start:
+                    yield index, key, files, shard.path
+                index += 1
+                count += 1
+        if count != shard.samples:
+            raise ShardError(f"shard {shard.path} holds {count} samples, its manifest says {shard.samples}: the "
+                             "file is truncated or was replaced. Fix: re-run `python -m pipeline.ingest`.")
+
+
+def for_worker(stream: Iterable[tuple], *, start: int, worker: int, num_workers: int) -> Iterator[tuple]:
+    """Stream positions ``start + worker + j * num_workers`` (items are (position, ...) tuples)."""
+    return (item for item in stream if (item[0] - start) % num_workers == worker)
+
+
+def decode(stream: Iterable[tuple[int, str, dict, str]]) -> Iterator[tuple[int, Sample]]:
+    for index, key, files, path in stream:
+        yield index, decode_sample(key, files, path)
+
+
+# ---------------------------------------------------------------- the cache join
+@dataclass
+class SampleJoiner:
+    """Lays a sample out for the student and attaches the cached targets of each role.
+
+    caches: role -> cache (one cache object may serve several roles); k: number of intermediate
+    student layers; grouped: whether the reasoning cache is pre-grouped for this student.
+    """
+
+    student: str
+    tiling: TilingPolicy
+    caches: dict[str, TeacherCache]
+    k: int = 0
+    grouped: bool = False
+    skip_missing: bool = False
+    processor: object = None
+
+    def __call__(self, index: int, sample: Sample) -> TrainItem:
+        if self.processor is None:
+            self.processor = load_processor(self.student)
+        layout = build_layout(sample.record, sample.images, self.processor, tiling=self.tiling)
+        targets, cached = {}, {}
+        for role, cache in self.caches.items():
+            if sample.key not in cache:
+                if self.skip_missing:
+                    return TrainItem(key=sample.key, index=index, skipped=f"missing from the {role} cache {cache.root}")
+                raise DataError(f"sample {sample.key} (shard {sample.shard}) is missing from the {role} cache "
+                                f"{cache.root}. Fix: finish/re-run the cache job on the same --data, or pass "
+                                "--skip-missing to skip (and count) such samples.")
+            entry = cached.setdefault(id(cache), cache[sample.key])
+            if entry.digest != layout.digest:
+                raise DataError(
+                    f"layout mismatch on sample {sample.key}: student digest {layout.digest} (S={layout.seq_len}, "
+                    f"vision={layout.n_vision}) vs {role} cache {cache.root} digest {entry.digest} "
+                    f"(S={entry.layout.get('seq_len')}, vision={entry.layout.get('n_vision')}). Likely cause: a "
+                    "teacher of another family/tokenizer, or a different image tiling; cache a teacher of the "
+                    "student's family with the same tiling.")
+            targets[role] = self._target(entry, role)
+        return TrainItem(key=sample.key, index=index, capability=sample.record.capability,
+                         inputs=layout.model_inputs, labels=layout.labels, is_vision=layout.is_vision,
+                         answer_start=layout.answer_span[0], targets=targets)
+
+    def _target(self, entry, role: str) -> torch.Tensor:
+        if role == "reasoning":
+            packed = torch.from_numpy(entry.mid_packed())
+            return packed if self.grouped else group_mean(packed, self.k)
+        return torch.from_numpy(entry.first_tv if role == "perception" else entry.penult_tv)
+
+
+# ---------------------------------------------------------------- dataset and loader
+@dataclass
+class DataSource:
+    """Everything the workers need (picklable): the shards, the joiner and the split settings."""
+
+    shards: list[ShardRef]
+    joiner: SampleJoiner
+    seed: int = 42
+    shuffle: bool = True
+    rank: int = 0
+    world: int = 1
+
+    def shards_for(self, epoch: int) -> list[ShardRef]:
+        return epoch_shards(self.shards, epoch=epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+                            world=self.world)
+
+    def epoch_samples(self, epoch: int) -> int:
+        return sum(s.samples for s in self.shards_for(epoch))
+
+
+class TrainStream(IterableDataset):
+    """One epoch of the rank's stream from position ``start``, split over the DataLoader workers."""
+
+    def __init__(self, source: DataSource, *, epoch: int, start: int = 0):
+        self.source, self.epoch, self.start = source, epoch, start
+
+    def __iter__(self) -> Iterator[TrainItem]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        members = numbered_members(self.source.shards_for(self.epoch), start=self.start)
+        mine = for_worker(members, start=self.start, worker=worker, num_workers=num_workers)
+        for index, sample in decode(mine):
+            yield self.source.joiner(index, sample)
+
+
+def make_loader(source: DataSource, *, epoch: int, start: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader yielding TrainItems one by one, in stream order."""
+    return DataLoader(TrainStream(source, epoch=epoch, start=start), batch_size=None, num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=2 if num_workers else None)
+
+
+# ---------------------------------------------------------------- preflight
+def data_shards(shards_dir: str) -> tuple[list[ShardRef], str]:
+    """The shard list and dataset digest of an ingested shard set; DataError if it holds no sample."""
+    manifest = read_manifest(shards_dir)
+    if manifest.num_samples == 0:
+        raise DataError(f"{shards_dir}/{MANIFEST_NAME} lists no samples: the shard set is empty. Fix: ingest a QA "
+                        "file with at least one usable record (`python -m pipeline.ingest`).")
+    root = str(shards_dir).rstrip("/")
+    return [ShardRef(f"{root}/{e.name}", e.samples) for e in manifest.shards if e.samples], manifest.dataset_digest
+
+
+def check_cache(role: str, cache: TeacherCache, *, family: str, num_layers: int, k: int, dataset_digest: str,
+                skip_missing: bool) -> list[str]:
+    """Problems that make ``cache`` unusable for ``role`` with this student (DESIGN contract 4)."""
+    m, where = cache.manifest, f"{role} cache {cache.root}"
+    problems = []
+    signal = ROLE_SIGNAL[role]
+    if signal not in m.signals:
+        problems.append(f"{where} stores no {signal!r} signal (stored: {sorted(m.signals)}); re-create it with "
+                        f"`python -m cache_teacher ... --signals {signal}` or drop {role} from --signals")
+    if m.teacher.get("family") != family:
+        problems.append(f"{where} comes from a {m.teacher.get('family')} teacher ({m.teacher.get('name')}), the "
+                        f"student is {family}: layouts differ across families; cache a {family} teacher")
+    if m.layout.get("layout_version") != LAYOUT_VERSION:
+        problems.append(f"{where} has layout version {m.layout.get('layout_version')}, this trainer builds "
+                        f"version {LAYOUT_VERSION}; re-create the cache with this code version")
+    spec = m.signals.get("mid")
+    if role == "reasoning" and spec is not None and spec.groups is not None and (
+            m.student_layers != num_layers or len(spec.groups) != k):
+        problems.append(f"{where} is pre-grouped for a student of {m.student_layers} layers ({len(spec.groups)} "
+                        f"intermediate maps); this student has {num_layers} layers and {k} intermediate layers "
+                        "in loss.mid_start..mid_end. Re-create it with --student for this student, or without "
+                        "pre-grouping")
+    if len(cache) == 0:
+        problems.append(f"{where} has no committed shard; let the cache job finish (re-run it to resume)")
+    if m.dataset.get("dataset_digest") != dataset_digest and not skip_missing:
+        problems.append(f"{where} was made from another dataset (digest {str(m.dataset.get('dataset_digest'))[:16]}"
+                        f" vs {dataset_digest[:16]} of --data); samples would be missing. Use the cache of this "
+                        "data, or --skip-missing to train on the samples both have")
+    return problems
+
+
+def open_source(config, *, student_dir: str, family: str, num_layers: int) -> DataSource:
+    """Validate data and caches against the student (every problem in one DataError) and describe
+    the stream. ``config`` is the resolved TrainConfig, ``student_dir`` the student's directory."""
+    shards, digest = data_shards(config.data.shards)
+    rank, world = rank_and_world()
+    if len(shards) < world:
+        raise DataError(f"{config.data.shards} has {len(shards)} non-empty shard(s) for {world} ranks; re-ingest "
+                        "with a smaller --shard-size so every rank gets a shard")
+    k = len(resolve_layer_range(config.loss.mid_start, config.loss.mid_end, num_layers))
+    opened: dict[str, TeacherCache] = {}
+    caches, problems = {}, []
+    for role, directory in config.data.caches.items():
+        try:
+            caches[role] = opened.setdefault(directory, open_cache(directory))
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"{role} cache: {err}")
+            continue
+        problems += check_cache(role, caches[role], family=family, num_layers=num_layers, k=k,
+                                dataset_digest=digest, skip_missing=config.data.skip_missing)
+    tilings = {tuple(sorted(c.manifest.layout["tiling"].items())) for c in caches.values()}
+    if len(tilings) > 1:
+        problems.append(f"the caches were laid out with different tilings {sorted(tilings)}; use caches made "
+                        "with one tiling")
+    if problems:
+        raise DataError("cannot train with these caches:\n  - " + "\n  - ".join(problems))
+    tiling = (TilingPolicy(**dict(tilings.pop())) if tilings
+              else default_tiling(load_processor(student_dir)))
+    spec = next((c.manifest.signals.get("mid") for r, c in caches.items() if r == "reasoning"), None)
+    joiner = SampleJoiner(student=student_dir, tiling=tiling, caches=caches, k=k,
+                          grouped=spec is not None and spec.groups is not None,
+                          skip_missing=config.data.skip_missing)
+    return DataSource(shards=shards, joiner=joiner, seed=config.run.seed, shuffle=config.data.shuffle_shards,
+                      rank=rank, world=world)

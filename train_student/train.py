@@ -1,0 +1,284 @@
+"""The student job: ``python -m train_student --student S --data D --cache ROLE=DIR --out RUN``.
+
+Reads top to bottom: setup (config and run directory -> device and seeds -> data preflight -> model
+-> method: term weights, AGP bank, reweighting -> optimizer and schedule -> resume) -> train (the
+loop over the epochs' streams, one optimizer step per window) -> cleanup (final checkpoint, report).
+No teacher is loaded unless ``--online-teacher`` (ablation/benchmark only) is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from pipeline.models import load_model, resolve_model
+from pipeline.processors import family_of, load_processor
+from pipeline.shards import ShardError
+from train_student import config as cfg
+from train_student.agp import GradBank
+from train_student.checkpoint import (CheckpointError, LoopState, find_checkpoint, read_meta, restore_state,
+                                      save_checkpoint)
+from train_student.data import DataError, DataSource, make_loader, open_source
+from train_student.metrics import JsonlLog, peak_memory_gb
+from train_student.reweight import LossReweighter
+from train_student.step import CapturedForward, LayerPlan, MicroStepper, NonFiniteLossError, TermWeights
+from train_student.step import bank_combine, prepare_student
+
+USER_ERRORS = (cfg.ConfigError, DataError, ShardError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+
+
+@dataclass
+class Session:
+    """Everything the loop touches."""
+
+    config: cfg.TrainConfig
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module
+    processor: object
+    source: DataSource
+    stepper: MicroStepper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    reweighter: LossReweighter | None
+    generator: torch.Generator | None
+    loop: LoopState
+    total_steps: int
+    logs: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)
+    saved_step: int = -1
+    window_start: float = 0.0
+    done: bool = False
+
+
+def prepare_run_dir(out: str) -> Path:
+    """Create the run directory and prove it is writable before any training."""
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise cfg.ConfigError(f"run directory {run_dir} is not writable ({err}); choose a writable --out") from err
+    return run_dir
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cfg.ConfigError(f"run.device={name!r} but CUDA is not available; use run.device=cpu or auto")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for bf16, and for auto on GPU; None (fp32) otherwise. Weights stay fp32."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
+def cosine_schedule(optimizer, *, total_steps: int, warmup: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then ``max(floor, 0.5 * (1 + cos(pi * progress)))`` of the base lr (reference)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return max(floor, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def static_lambdas(loss: cfg.LossConfig, terms: list[str]) -> dict[str, float]:
+    lams = {"ce": loss.lam_ce, "p": loss.lam_p, "r": loss.lam_r, "d": loss.lam_d}
+    return {t: lams[t] for t in ["ce", *terms] if lams[t] > 0}
+
+
+def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, family: str):
+    """The micro-step machinery: forward (cached or online), weights, reweighter, bank, generator."""
+    m, terms = config.method, config.terms
+    reweighter = None
+    if m.reweight and terms:
+        reweighter = LossReweighter(static_lambdas(config.loss, terms), alpha=m.reweight_alpha, lr=m.reweight_lr,
+                                    ce_floor=m.ce_floor, device=device)
+    weights = TermWeights(config.loss, terms, device, reweighter)
+    generator = torch.Generator().manual_seed(config.run.seed) if m.agp else None
+    dtype = autocast_dtype(config.model.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bank, combine = None, bank_combine
+    if config.model.online_teacher:
+        from train_student.online import OnlineForward, OnlineTeacher, ParameterGrads, per_parameter_combine
+
+        teacher = OnlineTeacher(str(resolve_model(config.model.online_teacher)), student_family=family, plan=plan,
+                                mid_start=config.loss.mid_start, mid_end=config.loss.mid_end, device=device,
+                                dtype="bf16" if device.type == "cuda" else "fp32")
+        forward = OnlineForward(model, teacher, plan, device, dtype)
+        if m.agp or m.reweight:
+            bank, combine = ParameterGrads(params), per_parameter_combine
+    else:
+        forward = CapturedForward(model, plan, device, dtype)
+        if m.agp or m.reweight:
+            bank = GradBank(params, 1 + len(terms), dtype=torch.bfloat16 if m.bank_dtype == "bf16" else torch.float32)
+    stepper = MicroStepper(forward=forward, weights=weights, params=params, device=device,
+                           scale=1.0 / config.optim.grad_accum, bank=bank, combine=combine, agp=m.agp,
+                           generator=generator)
+    return stepper, reweighter, generator
+
+
+# ================================================================ setup
+def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
+    # ---------------------------------------------------------------- run directory, resume point
+    run_dir = prepare_run_dir(config.run.out)
+    checkpoint = find_checkpoint(run_dir, resume)
+    loop = read_meta(checkpoint, config.to_dict())[1] if checkpoint else LoopState()
+    cfg.save(config, run_dir / "config.yaml")
+    # ---------------------------------------------------------------- device and seeds
+    device = pick_device(config.run.device)
+    torch.manual_seed(config.run.seed)
+    # ---------------------------------------------------------------- data (every check before training)
+    student_dir = str(resolve_model(config.model.student))
+    family = family_of(student_dir)
+    num_layers = AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
+    plan = LayerPlan.for_student(num_layers, config.loss.mid_start, config.loss.mid_end)
+    source = open_source(config, student_dir=student_dir, family=family, num_layers=num_layers)
+    if config.model.online_teacher:
+        from train_student.online import check_online_layout
+
+        check_online_layout(str(resolve_model(config.model.online_teacher)), student_dir, source.shards[0].path,
+                            source.joiner.tiling)
+    # ---------------------------------------------------------------- model
+    online = bool(config.model.online_teacher)
+    model = load_model(checkpoint or student_dir, attn_implementation="eager" if online else "sdpa").to(device)
+    if not online:
+        from pipeline.capture import enable_capture
+
+        enable_capture(model)
+    summary = prepare_student(model, freeze_vision=config.model.freeze_vision,
+                              gradient_checkpointing=config.model.gradient_checkpointing,
+                              captured=plan.layers(config.terms))
+    # ---------------------------------------------------------------- method, optimizer, schedule
+    stepper, reweighter, generator = build_stepper(config, model, plan, device, family)
+    o = config.optim
+    optimizer = torch.optim.AdamW(stepper.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    total = sum(math.ceil(source.epoch_samples(e) / o.grad_accum) for e in range(o.epochs))
+    scheduler = cosine_schedule(optimizer, total_steps=total, warmup=o.warmup_steps, floor=o.lr_floor)
+    # ---------------------------------------------------------------- resume
+    if checkpoint:
+        restore_state(checkpoint, optimizer=optimizer, scheduler=scheduler, reweighter=reweighter,
+                      generator=generator)
+    session = Session(config=config, run_dir=run_dir, device=device, model=model,
+                      processor=load_processor(student_dir), source=source, stepper=stepper, optimizer=optimizer,
+                      scheduler=scheduler, reweighter=reweighter, generator=generator, loop=loop, total_steps=total,
+                      saved_step=loop.step if checkpoint else -1,
+                      logs={n: JsonlLog(run_dir / n, keep_bytes=loop.log_bytes[n]) for n in loop.log_bytes})
+    report_setup(session, plan, summary, checkpoint)
+    return session
+
+
+def report_setup(s: Session, plan: LayerPlan, model_summary: str, checkpoint: Path | None) -> None:
+    c = s.config
+    mode = ("SFT (CE only)" if c.loss.sft else f"terms {['ce', *c.terms]}, AGP {'on' if c.method.agp else 'off'}, "
+            f"reweighting {'on' if c.method.reweight else 'off'}")
+    source = f"ONLINE TEACHER {c.model.online_teacher} (ablation)" if c.model.online_teacher else \
+        f"caches {c.data.caches}" if c.data.caches else "no cache"
+    print(f"train_student: {c.model.student} ({plan.num_layers} layers, capture {plan.layers(c.terms)}) on "
+          f"{s.device}; {mode}; {source}; {s.source.epoch_samples(0)} samples/epoch x {c.optim.epochs} epoch(s), "
+          f"{s.total_steps} optimizer steps; {model_summary}"
+          + (f"; resuming {checkpoint} at step {s.loop.step}" if checkpoint else ""), file=sys.stderr)
+
+
+# ================================================================ train
+def optimizer_step(s: Session, bar: tqdm) -> None:
+    """Close the window: NaN check, optimizer step, logs, progress, periodic checkpoint."""
+    step = s.loop.step + 1
+    summary = s.stepper.finish_window(step)
+    lr = s.scheduler.get_last_lr()[0]
+    s.stepper.apply(s.optimizer, s.scheduler, max_grad_norm=s.config.optim.max_grad_norm)
+    s.loop.step, s.loop.samples = step, s.loop.samples + summary["samples"]
+    now = time.perf_counter()
+    rate = summary["samples"] / max(now - s.window_start, 1e-9)
+    s.window_start = now
+    row = {"step": step, "epoch": s.loop.epoch, "lr": lr, **{k: v for k, v in summary.items() if k != "nonfinite_key"},
+           "samples_per_s": rate, "peak_mem_gb": peak_memory_gb(s.device)}
+    s.logs["metrics.jsonl"].write(row)
+    write_samples(s, step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{summary['loss']:.4f}", samples_s=f"{rate:.2f}")
+    max_steps = s.config.run.max_steps
+    s.done = max_steps is not None and step >= max_steps
+    if s.config.run.save_every and step % s.config.run.save_every == 0 and not s.done:
+        checkpoint(s)
+
+
+def write_samples(s: Session, step: int) -> None:
+    for line in s.pending:
+        s.logs["samples.jsonl"].write({"step": step, **line})
+    s.pending.clear()
+
+
+def checkpoint(s: Session) -> Path:
+    s.loop.log_bytes = {name: log.size() for name, log in s.logs.items()}
+    path = save_checkpoint(s.run_dir, model=s.model, processor=s.processor, optimizer=s.optimizer,
+                           scheduler=s.scheduler, reweighter=s.reweighter, generator=s.generator, loop=s.loop,
+                           config=s.config.to_dict(), keep_last=s.config.run.keep_last)
+    s.saved_step = s.loop.step
+    return path
+
+
+def train(s: Session) -> None:
+    c = s.config
+    limit = min(s.total_steps, c.run.max_steps or s.total_steps)
+    s.done = s.loop.epoch >= c.optim.epochs or (c.run.max_steps is not None and s.loop.step >= c.run.max_steps)
+    with tqdm(total=limit, initial=min(s.loop.step, limit), unit="step", disable=not c.run.progress,
+              dynamic_ncols=True, desc="training") as bar:
+        while not s.done and s.loop.epoch < c.optim.epochs:
+            s.window_start = time.perf_counter()
+            loader = make_loader(s.source, epoch=s.loop.epoch, start=s.loop.position,
+                                 num_workers=c.data.num_workers, pin_memory=s.device.type == "cuda")
+            for item in loader:
+                s.loop.position = item.index + 1
+                s.pending.append({"epoch": s.loop.epoch, "index": item.index, "key": item.key,
+                                  **({"skipped": item.skipped} if item.skipped else {})})
+                if item.skipped:
+                    s.loop.skipped += 1
+                    continue
+                s.stepper.micro_step(item)
+                if s.stepper.window_size == c.optim.grad_accum:
+                    optimizer_step(s, bar)
+                    if s.done:
+                        break
+            else:
+                if s.stepper.window_size:
+                    optimizer_step(s, bar)
+                write_samples(s, s.loop.step)
+                s.loop.epoch, s.loop.position = s.loop.epoch + 1, 0
+
+
+# ================================================================ cleanup
+def cleanup(s: Session) -> None:
+    final = checkpoint(s) if s.loop.step != s.saved_step else None
+    for log in s.logs.values():
+        log.close()
+    state = "complete" if s.loop.epoch >= s.config.optim.epochs else f"stopped at epoch {s.loop.epoch}"
+    print(f"train_student: {state} after {s.loop.step} optimizer steps, {s.loop.samples} samples trained, "
+          f"{s.loop.skipped} skipped" + (" (missing from a cache, --skip-missing)" if s.loop.skipped else "")
+          + (f"; checkpoint {final}" if final else "; nothing new to save"), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizer use
+    args = cfg.build_parser().parse_args(argv)
+    try:
+        session = setup(cfg.config_from_args(args), resume=args.resume)
+        train(session)
+        cleanup(session)
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
