@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
 from cache_teacher.store import committed_shards, filesystem, remove_shard
-from cache_teacher.worker import TeacherCacher, WorkerSettings, signal_plan
+from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
 from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
 from pipeline.models import resolve_model
 from pipeline.processors import family_of, load_processor
@@ -190,12 +190,17 @@ def run_with_ray(config: CacheConfig, settings: WorkerSettings, todo: list, bar)
                 index, path, samples = queue.pop(0)
                 actor = idle.pop()
                 ref = actor.process_shard.remote(index, path, samples, progress=progress.put)
-                running[ref] = actor
+                running[ref] = (actor, index)
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             bar.update(sum(progress.get_nowait_batch(progress.qsize())))
             for ref in done:
-                idle.append(running.pop(ref))
-                results.append(ray.get(ref))  # re-raises the worker's error with shard and sample key
+                actor, index = running.pop(ref)
+                try:
+                    results.append(ray.get(ref))  # re-raises the worker's error with shard and sample key
+                except ray.exceptions.ActorDiedError as err:
+                    raise CacheJobError(f"shard {index}: the worker died (killed, or out of memory): {err}. "
+                                        "Committed shards are kept; re-run the same command to resume.") from err
+                idle.append(actor)
                 bar.set_postfix(shards=f"{len(results)}/{len(todo)}")
         bar.update(sum(progress.get_nowait_batch(progress.qsize())))
         return results

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.cache_codecs import Codec
-from pipeline.cache_reader import part_name, row_lengths_for
+from pipeline.cache_reader import part_name, row_lengths_for, zarr_store
 from schemas.cache import SIGNALS, shard_files
 
 FLUSH_BYTES = 512 << 20  # buffered float32 bytes before the writer appends to the Zarr arrays
@@ -82,8 +82,7 @@ class CacheShardWriter:
     def __enter__(self) -> "CacheShardWriter":
         remove_shard(self.root, self.index)
         self.fs.makedirs(posixpath.join(self.path, "shards"), exist_ok=True)
-        store = self.files["group"] if self.fs.protocol in ("file", ("file", "local")) else \
-            zarr.storage.FsspecStore(self.fs, path=self.files["group"])
+        store = zarr_store(self.root, shard_files(self.index)["group"], read_only=False)
         self.group = zarr.open_group(store=store, mode="w", zarr_format=3)
         return self
 

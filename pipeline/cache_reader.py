@@ -39,6 +39,14 @@ def row_lengths_for(signal: str, shape) -> np.ndarray:
     return np.full(shape[0], shape[1], dtype=np.int64)
 
 
+def zarr_store(root: str, relative: str, *, read_only: bool):
+    """Store of the Zarr group at ``root/relative``: a local path, or an fsspec URL (s3://, gs://, ...)."""
+    if "://" not in root or root.startswith("file://"):
+        local = root.removeprefix("file://")
+        return posixpath.join(local, relative)
+    return zarr.storage.FsspecStore.from_url(f"{root.rstrip('/')}/{relative}", read_only=read_only)
+
+
 def part_name(part: int) -> str:
     return f"part-{part:04d}"
 
@@ -148,9 +156,7 @@ class TeacherCache:
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:
-            location = posixpath.join(self.path, shard_files(shard)["group"])
-            store = location if self.fs.protocol in ("file", ("file", "local")) else \
-                zarr.storage.FsspecStore(self.fs, path=location, read_only=True)
+            store = zarr_store(self.root, shard_files(shard)["group"], read_only=True)
             self._groups[shard] = zarr.open_group(store=store, mode="r")
         return self._groups[shard]
 

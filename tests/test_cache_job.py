@@ -15,6 +15,7 @@ import zarr
 
 from cache_teacher import open_cache
 from cache_teacher.run import CacheConfig, run
+from cache_teacher.worker import CacheJobError
 from pipeline.attention_maps import dense_to_tril, group_mean, tv_block
 from pipeline.capture import AttentionCapture, enable_capture
 from pipeline.layout import build_layout
@@ -140,6 +141,22 @@ def test_ray_job_equals_in_process(tmp_path, tiny_models, tiny_shards):
     assert ray_rows == ref_rows
     for key in ref_arrays:
         np.testing.assert_array_equal(ray_arrays[key]["first_tv"], ref_arrays[key]["first_tv"])
+    ray_module = __import__("ray")
+    assert not ray_module.is_initialized()  # shut down after the job
+
+
+def test_ray_worker_error_reaches_the_driver(tmp_path, tiny_models, tiny_shards):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_shards, data)
+    (data / "shard-000002.tar").write_bytes((data / "shard-000002.tar").read_bytes()[:2500])
+    config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(data),
+                         out=str(tmp_path / "ray"), workers=1, signals=["first_tv"])
+    with pytest.raises(CacheJobError, match="shard 2 .*shard-000002.tar"):
+        run(config)
+    assert (tmp_path / "ray" / "shards" / "shard-000000.done").exists()
+    assert not (tmp_path / "ray" / "shards" / "shard-000002.done").exists()
 
 
 def _error(args, tiny_models, tiny_shards, tmp_path):
@@ -202,3 +219,11 @@ def test_unwritable_output(tmp_path, tiny_models, tiny_shards):
     with pytest.raises(OSError, match="cannot write the cache manifest"):
         run(CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
                         out=str(blocker / "cache"), workers=0))
+
+
+def test_fsspec_url_output(tiny_models, tiny_shards):
+    config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
+                         out="memory://drive-kd-test/cache", workers=0, signals=["first_tv"])
+    run(config)
+    cache = open_cache(config.out)
+    assert len(cache) == 8 and cache[cache.keys()[0]].first_tv.ndim == 2

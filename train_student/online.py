@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline.attention_maps import group_mean, resolve_layer_range, tv_block
 from pipeline.layout import TilingPolicy, build_layout
-from pipeline.models import decoder_layers, load_model
+from pipeline.models import decoder_layers, load_model, resolve_model
 from pipeline.processors import family_of, load_processor
 from pipeline.shards import iter_shard
 from train_student.data import DataError, TrainItem
@@ -27,17 +27,11 @@ TERM_ROLE = {"p": "perception", "r": "reasoning", "d": "planning"}
 
 
 class OnlineTeacher:
-    """A frozen teacher producing the three targets from eager ``output_attentions``."""
+    """A frozen teacher (eager attention) producing the three targets from ``output_attentions``."""
 
-    def __init__(self, teacher_dir: str, *, student_family: str, plan: LayerPlan, mid_start: int, mid_end: int,
-                 device: torch.device, dtype: str):
-        family = family_of(teacher_dir)
-        if family != student_family:
-            raise DataError(f"online teacher {teacher_dir} is a {family} model, the student is {student_family}: "
-                            "layouts differ across families; use a teacher of the student's family")
-        self.model = load_model(teacher_dir, dtype=dtype, attn_implementation="eager").to(device).eval()
-        self.model.requires_grad_(False)
-        num_layers = decoder_layers(self.model)
+    def __init__(self, model, *, plan: LayerPlan, mid_start: int, mid_end: int):
+        self.model = model.eval().requires_grad_(False)
+        num_layers = decoder_layers(model)
         self.penult = num_layers - 2
         self.mid = resolve_layer_range(mid_start, mid_end, num_layers)
         self.k = len(plan.mid)
@@ -55,6 +49,18 @@ class OnlineTeacher:
         if "reasoning" in roles:
             targets["reasoning"] = group_mean(torch.stack([head_mean(layer) for layer in self.mid]), self.k)
         return targets
+
+
+def load_online_teacher(teacher: str, *, student_family: str, plan: LayerPlan, mid_start: int, mid_end: int,
+                        device: torch.device) -> OnlineTeacher:
+    """Load ``teacher`` (directory or known name) with eager attention, bf16 on GPU, fp32 on CPU."""
+    teacher_dir = str(resolve_model(teacher))
+    family = family_of(teacher_dir)
+    if family != student_family:
+        raise DataError(f"online teacher {teacher_dir} is a {family} model, the student is {student_family}: "
+                        "layouts differ across families; use a teacher of the student's family")
+    model = load_model(teacher_dir, dtype="bf16" if device.type == "cuda" else "fp32", attn_implementation="eager")
+    return OnlineTeacher(model.to(device), plan=plan, mid_start=mid_start, mid_end=mid_end)
 
 
 def check_online_layout(teacher_dir: str, student_dir: str, shard: str, tiling: TilingPolicy) -> None:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from pipeline.capture import enable_capture
 from pipeline.models import load_model, resolve_model
 from pipeline.processors import family_of, load_processor
 from pipeline.shards import ShardError
@@ -102,8 +103,9 @@ def static_lambdas(loss: cfg.LossConfig, terms: list[str]) -> dict[str, float]:
     return {t: lams[t] for t in ["ce", *terms] if lams[t] > 0}
 
 
-def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, family: str):
-    """The micro-step machinery: forward (cached or online), weights, reweighter, bank, generator."""
+def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, teacher=None):
+    """The micro-step machinery: forward (cached, or online with ``teacher``), term weights,
+    reweighter, gradient bank and AGP order generator."""
     m, terms = config.method, config.terms
     reweighter = None
     if m.reweight and terms:
@@ -114,12 +116,9 @@ def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch
     dtype = autocast_dtype(config.model.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
     bank, combine = None, bank_combine
-    if config.model.online_teacher:
-        from train_student.online import OnlineForward, OnlineTeacher, ParameterGrads, per_parameter_combine
+    if teacher is not None:
+        from train_student.online import OnlineForward, ParameterGrads, per_parameter_combine
 
-        teacher = OnlineTeacher(str(resolve_model(config.model.online_teacher)), student_family=family, plan=plan,
-                                mid_start=config.loss.mid_start, mid_end=config.loss.mid_end, device=device,
-                                dtype="bf16" if device.type == "cuda" else "fp32")
         forward = OnlineForward(model, teacher, plan, device, dtype)
         if m.agp or m.reweight:
             bank, combine = ParameterGrads(params), per_parameter_combine
@@ -149,23 +148,24 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
     num_layers = AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
     plan = LayerPlan.for_student(num_layers, config.loss.mid_start, config.loss.mid_end)
     source = open_source(config, student_dir=student_dir, family=family, num_layers=num_layers)
-    if config.model.online_teacher:
-        from train_student.online import check_online_layout
+    # ---------------------------------------------------------------- model (and the ablation's teacher)
+    online = bool(config.model.online_teacher)
+    model = load_model(checkpoint or student_dir, attn_implementation="eager" if online else "sdpa").to(device)
+    teacher = None
+    if online:
+        from train_student.online import check_online_layout, load_online_teacher
 
         check_online_layout(str(resolve_model(config.model.online_teacher)), student_dir, source.shards[0].path,
                             source.joiner.tiling)
-    # ---------------------------------------------------------------- model
-    online = bool(config.model.online_teacher)
-    model = load_model(checkpoint or student_dir, attn_implementation="eager" if online else "sdpa").to(device)
-    if not online:
-        from pipeline.capture import enable_capture
-
+        teacher = load_online_teacher(config.model.online_teacher, student_family=family, plan=plan,
+                                      mid_start=config.loss.mid_start, mid_end=config.loss.mid_end, device=device)
+    else:
         enable_capture(model)
     summary = prepare_student(model, freeze_vision=config.model.freeze_vision,
                               gradient_checkpointing=config.model.gradient_checkpointing,
                               captured=plan.layers(config.terms))
     # ---------------------------------------------------------------- method, optimizer, schedule
-    stepper, reweighter, generator = build_stepper(config, model, plan, device, family)
+    stepper, reweighter, generator = build_stepper(config, model, plan, device, teacher=teacher)
     o = config.optim
     optimizer = torch.optim.AdamW(stepper.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     total = sum(math.ceil(source.epoch_samples(e) / o.grad_accum) for e in range(o.epochs))
