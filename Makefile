@@ -7,13 +7,21 @@ PY := $(VENV)/bin/python
 # On a machine without CUDA we pin the CPU build; override with TORCH_SPEC="torch==2.6.0" etc.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-MODEL_DIR ?= models
-DATA ?= data/shards
-CACHES ?= caches
+ROOT ?= .
+MODEL_DIR ?= $(ROOT)/models
+DATA ?= $(ROOT)/data/shards
+EVAL_DATA ?= $(ROOT)/data/shards-eval
+CACHES ?= $(ROOT)/caches
+RUNS ?= $(ROOT)/runs
+REPORT ?= $(ROOT)/reports/demo
 TEACHER ?= $(MODEL_DIR)/demo-teacher
 STUDENT ?= $(MODEL_DIR)/demo-student
-RUN ?= runs/drive-kd
+TRAIN_RUN ?= $(RUNS)/drive-kd
+TRAIN_CACHES ?= $(CACHES)/$(TEACHER_NAME)
+TRAIN_ARGS ?=
 SAMPLES ?= 240
+EVAL_SAMPLES ?= 60
+DEMO_CONFIGS := train_student/configs
 PYTEST_ARGS ?=
 export MODEL_DIR
 
@@ -22,11 +30,11 @@ GPUS_PER_WORKER ?= 1
 CACHE_ARGS ?=
 TEACHER_NAME = $(notdir $(patsubst %/,%,$(TEACHER)))
 
-.PHONY: help venv test demo-data cache bench-cache clean-venv
+.PHONY: help venv test demo-data demo clean-demo cache bench-cache train plot-train bench-train clean-venv
 
 help: ## list the targets and their variables
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "Variables: MODEL_DIR=$(MODEL_DIR) DATA=$(DATA) CACHES=$(CACHES) TEACHER=$(TEACHER) STUDENT=$(STUDENT) RUN=$(RUN) TORCH_SPEC='$(TORCH_SPEC)'"
+	@echo "Variables: MODEL_DIR=$(MODEL_DIR) DATA=$(DATA) CACHES=$(CACHES) TEACHER=$(TEACHER) STUDENT=$(STUDENT) TRAIN_RUN=$(TRAIN_RUN) TRAIN_CACHES='$(TRAIN_CACHES)' TORCH_SPEC='$(TORCH_SPEC)'"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +48,67 @@ venv: $(VENV)/.installed ## create .venv and install the project with test extra
 test: venv ## run the whole test suite (unit + integration on tiny models, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo-data: venv ## generate the driving QA set (data/demo) and ingest it to WebDataset shards (data/shards)
-	$(PY) -m pipeline.demo_data --out data/demo --samples $(SAMPLES)
-	$(PY) -m pipeline.ingest --qa data/demo/qa.json --image-root data/demo --out $(DATA)
+demo-data: venv $(DATA)/manifest.json $(EVAL_DATA)/manifest.json ## generate the driving QA sets and ingest them (DATA, EVAL_DATA)
+
+$(DATA)/manifest.json: | venv
+	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo --samples $(SAMPLES) --seed 0
+	$(PY) -m pipeline.ingest --qa $(ROOT)/data/demo/qa.json --image-root $(ROOT)/data/demo --out $(DATA) --shard-size 60
+
+$(EVAL_DATA)/manifest.json: | venv
+	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo-eval --samples $(EVAL_SAMPLES) --seed 1
+	$(PY) -m pipeline.ingest --qa $(ROOT)/data/demo-eval/qa.json --image-root $(ROOT)/data/demo-eval --out $(EVAL_DATA)
+
+# ---- make demo: every stage is a file target, so re-running reuses finished stages
+$(MODEL_DIR)/demo-teacher-init/config.json $(MODEL_DIR)/demo-student/config.json: | venv
+	$(PY) -m pipeline.models tiny --family internvl --role $(if $(findstring teacher,$@),teacher,student) \
+		--out $(dir $@)
+
+$(MODEL_DIR)/demo-teacher/config.json: $(MODEL_DIR)/demo-teacher-init/config.json $(DATA)/manifest.json
+	$(PY) -m train_student --sft --student $(MODEL_DIR)/demo-teacher-init --data $(DATA) \
+		--out $(RUNS)/demo-teacher-sft --config $(DEMO_CONFIGS)/demo-teacher.yaml
+	rm -rf $(MODEL_DIR)/demo-teacher && cp -r $(RUNS)/demo-teacher-sft/$$(cat $(RUNS)/demo-teacher-sft/latest) $(MODEL_DIR)/demo-teacher
+
+$(CACHES)/demo-teacher/COMPLETE: $(MODEL_DIR)/demo-teacher/config.json
+	$(PY) -m cache_teacher --teacher $(MODEL_DIR)/demo-teacher --data $(DATA) --out $(CACHES)/demo-teacher \
+		--workers 1 --student $(MODEL_DIR)/demo-student
+	touch $@
+
+$(RUNS)/demo-sft/final/config.json: $(MODEL_DIR)/demo-student/config.json $(DATA)/manifest.json
+	$(PY) -m train_student --sft --student $(MODEL_DIR)/demo-student --data $(DATA) --out $(RUNS)/demo-sft \
+		--config $(DEMO_CONFIGS)/demo-student.yaml
+	ln -sfn $$(cat $(RUNS)/demo-sft/latest) $(RUNS)/demo-sft/final
+
+$(RUNS)/demo-drive-kd/final/config.json: $(MODEL_DIR)/demo-student/config.json $(CACHES)/demo-teacher/COMPLETE
+	$(PY) -m train_student --student $(MODEL_DIR)/demo-student --data $(DATA) --out $(RUNS)/demo-drive-kd \
+		--cache perception,reasoning,planning=$(CACHES)/demo-teacher --config $(DEMO_CONFIGS)/demo-student.yaml
+	ln -sfn $$(cat $(RUNS)/demo-drive-kd/latest) $(RUNS)/demo-drive-kd/final
+
+$(REPORT)/eval-%/scores.json: $(EVAL_DATA)/manifest.json
+	$(PY) -m pipeline.evaluate --model $(EVAL_MODEL_$*) --data $(EVAL_DATA) --out $(dir $@) --name $* \
+		--max-new-tokens 48 --batch-size 8
+
+EVAL_MODEL_teacher = $(MODEL_DIR)/demo-teacher
+EVAL_MODEL_sft = $(RUNS)/demo-sft/final
+EVAL_MODEL_drive-kd = $(RUNS)/demo-drive-kd/final
+$(REPORT)/eval-teacher/scores.json: $(MODEL_DIR)/demo-teacher/config.json
+$(REPORT)/eval-sft/scores.json: $(RUNS)/demo-sft/final/config.json
+$(REPORT)/eval-drive-kd/scores.json: $(RUNS)/demo-drive-kd/final/config.json
+
+$(REPORT)/report.md: $(REPORT)/eval-teacher/scores.json $(REPORT)/eval-sft/scores.json $(REPORT)/eval-drive-kd/scores.json
+	$(PY) -m pipeline.report --out $(REPORT) --title "make demo (tiny models, generated scenes)" \
+		--eval teacher=$(REPORT)/eval-teacher --eval "SFT baseline=$(REPORT)/eval-sft" \
+		--eval "Drive-KD=$(REPORT)/eval-drive-kd" --run "SFT baseline=$(RUNS)/demo-sft" \
+		--run "Drive-KD=$(RUNS)/demo-drive-kd" --cache $(CACHES)/demo-teacher \
+		--model teacher=$(MODEL_DIR)/demo-teacher --model "SFT baseline=$(RUNS)/demo-sft/final" \
+		--model "Drive-KD=$(RUNS)/demo-drive-kd/final" --data $(EVAL_DATA)
+
+demo: venv $(REPORT)/report.md ## the whole pipeline on generated scenes with tiny models (CPU, minutes): data, teacher SFT, cache, SFT + Drive-KD students, evaluation, report
+	@echo "report: $(REPORT)/report.md"
+
+clean-demo: ## remove everything make demo produced
+	rm -rf $(ROOT)/data/demo $(ROOT)/data/demo-eval $(DATA) $(EVAL_DATA) $(MODEL_DIR)/demo-teacher-init \
+		$(MODEL_DIR)/demo-teacher $(MODEL_DIR)/demo-student $(CACHES)/demo-teacher $(RUNS)/demo-teacher-sft \
+		$(RUNS)/demo-sft $(RUNS)/demo-drive-kd $(REPORT)
 
 cache: venv ## cache TEACHER's attention over DATA into CACHES/<teacher name> (Ray; WORKERS, GPUS_PER_WORKER, CACHE_ARGS)
 	$(PY) -m cache_teacher --teacher $(TEACHER) --data $(DATA) --out $(CACHES)/$(TEACHER_NAME) \
@@ -50,6 +116,16 @@ cache: venv ## cache TEACHER's attention over DATA into CACHES/<teacher name> (R
 
 bench-cache: venv ## benchmark capture vs eager attention and cache bytes per codec (benchmarks/results/)
 	$(PY) -m cache_teacher.bench $(BENCH_ARGS)
+
+train: venv ## distil STUDENT over DATA from cached attention (TRAIN_CACHES: [ROLE[,ROLE]=]DIR ...) into TRAIN_RUN; never loads a teacher; resumes TRAIN_RUN/latest
+	$(PY) -m train_student --student $(STUDENT) --data $(DATA) $(foreach c,$(TRAIN_CACHES),--cache $(c)) \
+		--out $(TRAIN_RUN) $(TRAIN_ARGS)
+
+plot-train: venv ## training curves of TRAIN_RUN -> TRAIN_RUN/curves.png
+	$(PY) -m train_student.plot $(TRAIN_RUN)
+
+bench-train: venv ## trainer samples/s + peak memory: SFT, Drive-KD with/without AGP, online teacher -> benchmarks/results/
+	$(PY) -m train_student.bench $(BENCH_ARGS)
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

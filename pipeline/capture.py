@@ -29,7 +29,8 @@ _ACTIVE: dict[int, tuple["AttentionCapture", int]] = {}
 def _probabilities(query, key, attention_mask, scaling, groups: int) -> torch.Tensor:
     """softmax(Q K^T * scaling + mask) in float32. query [B,H,S,D], key [B,KVH,S,D] -> [B,H,S,S]."""
     key = repeat_kv(key, groups)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    with torch.autocast(query.device.type, enabled=False):  # float32 under bf16 autocast too (student)
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
     if attention_mask is None:
         q_len, k_len = scores.shape[-2:]
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)

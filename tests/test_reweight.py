@@ -237,3 +237,22 @@ def test_zero_losses_with_alpha_stay_finite():
     for _ in range(3):
         rw.observe(tensors(ce=0.0, p=0.0), tensors(ce=1.0, p=2.0))
         assert all(math.isfinite(w) for w in as_floats(rw.step()).values())
+
+
+def test_window_means_count_every_micro_step_and_gs_is_not_detached():
+    # window: (ce=2, p=4) then (ce=2) only: p's mean loss is 4 / 2 micro-steps = 2 (the reference
+    # divides by its accumulator's count), not 4; loss0 records it.
+    rw = LossReweighter({"ce": 1.0, "p": 1.0})
+    rw.observe(tensors(ce=2.0, p=4.0), tensors(ce=1.0, p=1.0))
+    rw.observe(tensors(ce=2.0), tensors(ce=1.0))
+    rw.step()
+    assert rw.state["loss0"].tolist() == [2.0, 2.0]
+    # Gs stays attached: w = (1, 1, 2), n = (1, 4, 1) -> G = (1, 4, 2), Gs = 7, shares (1/4, 1/4, 1/2),
+    # residuals G - share * Gs = (-0.75, 2.25, -1.5). d obj / d G_j = sign_j - sum_k share_k sign_k
+    # = sign_j + 0.5 (with Gs detached it would be sign_j), and d G_j / d a_j = n_j * sigmoid(a_j).
+    three = LossReweighter({"ce": 1.0, "p": 1.0, "r": 2.0})
+    norms = torch.tensor([1.0, 4.0, 1.0])
+    grad, g_sum = three._objective_grad(torch.tensor([True, True, True]), torch.ones(3), norms)
+    expected = torch.tensor([-0.5, 1.5, -0.5]) * norms * torch.sigmoid(three.state["a"])
+    torch.testing.assert_close(grad, expected)
+    assert float(g_sum) == pytest.approx(7.0)

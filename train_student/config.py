@@ -22,8 +22,9 @@ ROLES = CAPABILITIES
 ROLE_TERM = {"perception": "p", "reasoning": "r", "planning": "d"}
 PRECISIONS = ("auto", "bf16", "fp32")
 BANK_DTYPES = ("fp32", "bf16")
-RUN_CONTROL = ("run.max_steps", "run.save_every", "run.keep_last", "run.progress", "data.num_workers")
-"""Fields a resumed run may change: they steer the run, not what it computes."""
+RUN_CONTROL = ("run.out", "run.device", "run.max_steps", "run.save_every", "run.keep_last", "run.progress",
+               "data.num_workers")
+"""Fields a resumed run may change: they steer the run (or locate it), not what it computes."""
 
 
 class ConfigError(ValueError):
@@ -215,7 +216,13 @@ def _section(cls, data, name: str, problems: list[str]):
     unknown = sorted(set(data) - set(hints))
     if unknown:
         problems.append(f"{name}: unknown field(s) {unknown}; fields are {sorted(hints)}")
-    values = {k: _coerce(v, hints[k], f"{name}.{k}", problems) for k, v in data.items() if k in hints}
+    defaults = cls()
+    values = {}
+    for key, value in data.items():
+        if key in hints:
+            if typing.get_origin(hints[key]) is dict and isinstance(value, dict):
+                value = {**getattr(defaults, key), **value}  # a mapping field is updated key by key
+            values[key] = _coerce(value, hints[key], f"{name}.{key}", problems)
     return cls(**values)
 
 
@@ -376,9 +383,12 @@ def build_parser():
     parser.add_argument("--out", help="run directory (run.out)")
     parser.add_argument("--config", help="YAML file with sections data/model/loss/method/optim/run")
     parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps in total (run.max_steps)")
-    parser.add_argument("--no-agp", action="store_true", help="plain weighted sum of the terms (method.agp=false)")
+    parser.add_argument("--no-agp", action="store_true",
+                        help="plain weighted sum of the terms in one backward (method.agp=false; reweighting "
+                             "follows unless method.reweight=true)")
     parser.add_argument("--no-reweight", action="store_true", help="static loss weights (method.reweight=false)")
-    parser.add_argument("--signals", nargs="+", choices=ROLES, help="distillation terms to train (loss.signals)")
+    parser.add_argument("--signals", nargs="+", choices=ROLES, metavar="ROLE",
+                        help="distillation terms to train: perception reasoning planning (loss.signals)")
     parser.add_argument("--sft", action="store_true", help="cross-entropy only, no cache needed (loss.sft=true)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip and count samples missing from a cache (data.skip_missing=true)")

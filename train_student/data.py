@@ -138,10 +138,6 @@ class SampleJoiner:
     processor: object = None
 
     def __call__(self, index: int, sample: Sample) -> TrainItem:
-        if self.processor is None:
-            self.processor = load_processor(self.student)
-        layout = build_layout(sample.record, sample.images, self.processor, tiling=self.tiling)
-        targets, cached = {}, {}
         for role, cache in self.caches.items():
             if sample.key not in cache:
                 if self.skip_missing:
@@ -149,7 +145,12 @@ class SampleJoiner:
                 raise DataError(f"sample {sample.key} (shard {sample.shard}) is missing from the {role} cache "
                                 f"{cache.root}. Fix: finish/re-run the cache job on the same --data, or pass "
                                 "--skip-missing to skip (and count) such samples.")
-            entry = cached.setdefault(id(cache), cache[sample.key])
+        if self.processor is None:
+            self.processor = load_processor(self.student)
+        layout = build_layout(sample.record, sample.images, self.processor, tiling=self.tiling)
+        targets, entries = {}, {}
+        for role, cache in self.caches.items():
+            entry = entries.setdefault(id(cache), cache[sample.key])
             if entry.digest != layout.digest:
                 raise DataError(
                     f"layout mismatch on sample {sample.key}: student digest {layout.digest} (S={layout.seq_len}, "
@@ -221,23 +222,25 @@ def data_shards(shards_dir: str) -> tuple[list[ShardRef], str]:
     return [ShardRef(f"{root}/{e.name}", e.samples) for e in manifest.shards if e.samples], manifest.dataset_digest
 
 
-def check_cache(role: str, cache: TeacherCache, *, family: str, num_layers: int, k: int, dataset_digest: str,
-                skip_missing: bool) -> list[str]:
-    """Problems that make ``cache`` unusable for ``role`` with this student (DESIGN contract 4)."""
-    m, where = cache.manifest, f"{role} cache {cache.root}"
+def check_cache(roles: list[str], cache: TeacherCache, *, family: str, num_layers: int, k: int,
+                dataset_digest: str, skip_missing: bool) -> list[str]:
+    """Problems that make ``cache`` unusable for ``roles`` with this student (DESIGN contract 4)."""
+    m, where = cache.manifest, f"{'/'.join(roles)} cache {cache.root}"
     problems = []
-    signal = ROLE_SIGNAL[role]
-    if signal not in m.signals:
-        problems.append(f"{where} stores no {signal!r} signal (stored: {sorted(m.signals)}); re-create it with "
-                        f"`python -m cache_teacher ... --signals {signal}` or drop {role} from --signals")
+    for role in roles:
+        signal = ROLE_SIGNAL[role]
+        if signal not in m.signals:
+            problems.append(f"{where} stores no {signal!r} signal for the {role} term (stored: {sorted(m.signals)});"
+                            f" re-create it with `python -m cache_teacher ... --signals {signal}` or drop {role} "
+                            "from --signals")
     if m.teacher.get("family") != family:
-        problems.append(f"{where} comes from a {m.teacher.get('family')} teacher ({m.teacher.get('name')}), the "
-                        f"student is {family}: layouts differ across families; cache a {family} teacher")
+        problems.append(f"{where} comes from teacher {m.teacher.get('name')} of family {m.teacher.get('family')}, "
+                        f"the student is {family}: layouts differ across families; cache a {family} teacher")
     if m.layout.get("layout_version") != LAYOUT_VERSION:
         problems.append(f"{where} has layout version {m.layout.get('layout_version')}, this trainer builds "
                         f"version {LAYOUT_VERSION}; re-create the cache with this code version")
     spec = m.signals.get("mid")
-    if role == "reasoning" and spec is not None and spec.groups is not None and (
+    if "reasoning" in roles and spec is not None and spec.groups is not None and (
             m.student_layers != num_layers or len(spec.groups) != k):
         problems.append(f"{where} is pre-grouped for a student of {m.student_layers} layers ({len(spec.groups)} "
                         f"intermediate maps); this student has {num_layers} layers and {k} intermediate layers "
@@ -261,16 +264,17 @@ def open_source(config, *, student_dir: str, family: str, num_layers: int) -> Da
         raise DataError(f"{config.data.shards} has {len(shards)} non-empty shard(s) for {world} ranks; re-ingest "
                         "with a smaller --shard-size so every rank gets a shard")
     k = len(resolve_layer_range(config.loss.mid_start, config.loss.mid_end, num_layers))
-    opened: dict[str, TeacherCache] = {}
     caches, problems = {}, []
-    for role, directory in config.data.caches.items():
+    for directory in dict.fromkeys(config.data.caches.values()):
+        roles = [r for r, d in config.data.caches.items() if d == directory]
         try:
-            caches[role] = opened.setdefault(directory, open_cache(directory))
+            cache = open_cache(directory)
         except (FileNotFoundError, ValueError) as err:
-            problems.append(f"{role} cache: {err}")
+            problems.append(f"{'/'.join(roles)} cache: {err}")
             continue
-        problems += check_cache(role, caches[role], family=family, num_layers=num_layers, k=k,
-                                dataset_digest=digest, skip_missing=config.data.skip_missing)
+        caches.update({role: cache for role in roles})
+        problems += check_cache(roles, cache, family=family, num_layers=num_layers, k=k, dataset_digest=digest,
+                                skip_missing=config.data.skip_missing)
     tilings = {tuple(sorted(c.manifest.layout["tiling"].items())) for c in caches.values()}
     if len(tilings) > 1:
         problems.append(f"the caches were laid out with different tilings {sorted(tilings)}; use caches made "

@@ -106,7 +106,9 @@ class JsonlLog:
         self.handle = self.path.open("a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
+        """Append one row and flush, so the log can be followed while training runs."""
         self.handle.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self.handle.flush()
 
     def size(self) -> int:
         """Bytes written so far (flushes)."""

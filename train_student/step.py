@@ -266,7 +266,8 @@ def prepare_student(model, *, freeze_vision: bool, gradient_checkpointing: bool,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = f"{trainable / 1e6:.1f}M trainable parameters" + (" (vision tower frozen)" if freeze_vision else "")
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # (the older name of the same method takes the same first argument)
         layers = model.model.language_model.layers
         for index in captured:
             layers[index].gradient_checkpointing = False

@@ -146,7 +146,10 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
     student_dir = str(resolve_model(config.model.student))
     family = family_of(student_dir)
     num_layers = AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
-    plan = LayerPlan.for_student(num_layers, config.loss.mid_start, config.loss.mid_end)
+    try:
+        plan = LayerPlan.for_student(num_layers, config.loss.mid_start, config.loss.mid_end)
+    except ValueError as err:
+        raise cfg.ConfigError(f"loss.mid_start/mid_end for {config.model.student}: {err}") from err
     source = open_source(config, student_dir=student_dir, family=family, num_layers=num_layers)
     # ---------------------------------------------------------------- model (and the ablation's teacher)
     online = bool(config.model.online_teacher)
@@ -281,4 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         train(session)
         cleanup(session)
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the worker's own message
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")

@@ -1,0 +1,163 @@
+"""Streaming data: shard order and splits, resume positions, worker-independent order, the cache join."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.attention_maps import group_mean
+from pipeline.layout import LAYOUT_VERSION, build_layout, default_tiling
+from pipeline.processors import load_processor
+from pipeline.shards import ShardError, iter_samples
+from schemas.cache import CacheManifest, SignalSpec
+from train_student.data import (DataError, DataSource, SampleJoiner, ShardRef, check_cache, data_shards, epoch_shards,
+                                for_worker, make_loader, numbered_members)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pipeline.demo_data import generate
+    from pipeline.ingest import ingest
+
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "demo", samples=7, seed=3, views="1")
+    ingest(root / "demo" / "qa.json", root / "demo", root / "shards", shard_size=3)
+    return root / "shards"
+
+
+class FakeEntry:
+    def __init__(self, digest, layout, first_tv, penult_tv, mid):
+        self.digest, self.layout, self.first_tv, self.penult_tv, self._mid = digest, layout, first_tv, penult_tv, mid
+
+    def mid_packed(self):
+        return self._mid
+
+
+class FakeCache:
+    """The reader API the joiner uses: ``in``, ``[key]``, ``len``, ``root``, ``manifest``."""
+
+    def __init__(self, entries, manifest=None, root="fake-cache"):
+        self.entries, self.manifest, self.root = entries, manifest, root
+
+    def __contains__(self, key):
+        return key in self.entries
+
+    def __getitem__(self, key):
+        return self.entries[key]
+
+    def __len__(self):
+        return len(self.entries)
+
+
+def fake_entries(samples, processor, n_mid, *, seed=0):
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for sample in samples:
+        lay = build_layout(sample.record, sample.images, processor)
+        block = lambda: rng.random((lay.n_text, lay.n_vision), dtype=np.float32)  # noqa: E731
+        mid = rng.random((n_mid, lay.seq_len * (lay.seq_len + 1) // 2), dtype=np.float32)
+        entries[sample.key] = FakeEntry(lay.digest, lay.summary(), block(), block(), mid)
+    return entries
+
+
+def test_epoch_shards_seeded_order_and_rank_split():
+    refs = [ShardRef(f"s{i}", 1) for i in range(10)]
+    first = epoch_shards(refs, epoch=0, seed=42, shuffle=True)
+    assert first == epoch_shards(refs, epoch=0, seed=42, shuffle=True)
+    assert first != epoch_shards(refs, epoch=1, seed=42, shuffle=True) and sorted(first, key=lambda r: r.path) == refs
+    assert epoch_shards(refs, epoch=0, seed=42, shuffle=False) == refs
+    ranks = [epoch_shards(refs, epoch=0, seed=42, shuffle=True, rank=r, world=3) for r in range(3)]
+    assert sorted(sum(ranks, []), key=lambda r: r.path) == refs and [len(r) for r in ranks] == [4, 3, 3]
+
+
+def test_numbered_members_resume_and_truncation(shards):
+    refs, _ = data_shards(str(shards))
+    full = [(i, key) for i, key, _, _ in numbered_members(refs)]
+    assert [i for i, _ in full] == list(range(7))
+    assert [(i, key) for i, key, _, _ in numbered_members(refs, start=4)] == full[4:]
+    unopened = [ShardRef(str(shards / "no-such-shard.tar"), 3), *refs[1:]]
+    assert [i for i, *_ in numbered_members(unopened, start=3)] == [3, 4, 5, 6]  # the missing shard is never opened
+    with pytest.raises(ShardError, match="holds 3 samples, its manifest says 4"):
+        list(numbered_members([ShardRef(refs[0].path, 4)]))
+    assert [x[0] for x in for_worker(iter([(5,), (6,), (7,), (8,), (9,)]), start=5, worker=1, num_workers=2)] == [6, 8]
+
+
+def test_stream_order_does_not_depend_on_workers(shards, tiny_models):
+    student = str(tiny_models["internvl", "student"])
+    refs, _ = data_shards(str(shards))
+    joiner = SampleJoiner(student=student, tiling=default_tiling(load_processor(student)), caches={})
+    source = DataSource(shards=refs, joiner=joiner, seed=1)
+    orders = {workers: [(item.index, item.key) for item in make_loader(source, epoch=0, start=2, num_workers=workers,
+                                                                        pin_memory=False)]
+              for workers in (0, 2)}
+    assert orders[0] == orders[2] and [i for i, _ in orders[0]] == list(range(2, 7))
+    assert len({key for _, key in orders[0]}) == 5
+
+
+def test_join_targets_digest_check_and_missing_samples(shards, tiny_models):
+    student = str(tiny_models["internvl", "student"])
+    processor = load_processor(student)
+    samples = list(iter_samples(shards))
+    entries = fake_entries(samples, processor, n_mid=5)
+    joiner = SampleJoiner(student=student, tiling=default_tiling(processor), caches={
+        "perception": FakeCache(entries), "reasoning": FakeCache(entries)}, k=3)
+    item = joiner(0, samples[0])
+    entry = entries[samples[0].key]
+    assert item.capability == samples[0].record.capability and item.labels.shape == item.is_vision.shape
+    torch.testing.assert_close(item.targets["perception"], torch.from_numpy(entry.first_tv))
+    torch.testing.assert_close(item.targets["reasoning"], group_mean(torch.from_numpy(entry._mid), 3))
+    grouped = SampleJoiner(student=student, tiling=joiner.tiling, caches={"reasoning": FakeCache(entries)}, k=5,
+                           grouped=True)
+    torch.testing.assert_close(grouped(0, samples[0]).targets["reasoning"], torch.from_numpy(entry._mid))
+
+    entries[samples[1].key].digest = "0123456789abcdef"
+    with pytest.raises(DataError, match=rf"layout mismatch on sample {samples[1].key}: student digest \w+ .* digest "
+                                        "0123456789abcdef"):
+        joiner(1, samples[1])
+    del entries[samples[2].key]
+    with pytest.raises(DataError, match=rf"sample {samples[2].key} .* missing from the perception cache.*--skip-missing"):
+        joiner(2, samples[2])
+    joiner.skip_missing = True
+    skipped = joiner(2, samples[2])
+    assert skipped.skipped.startswith("missing from the perception cache") and skipped.index == 2
+
+
+def manifest(**changes):
+    fields = dict(teacher={"family": "internvl", "name": "t"}, codec={}, dtype="fp32",
+                  layout={"layout_version": LAYOUT_VERSION, "tiling": {"tile_size": 112, "max_tiles": 1}},
+                  dataset={"dataset_digest": "abc"},
+                  signals={"first_tv": SignalSpec([0], "perception"), "penult_tv": SignalSpec([4], "planning"),
+                           "mid": SignalSpec([0, 1, 2, 3, 4], "reasoning")})
+    fields.update(changes)
+    return CacheManifest(**fields)
+
+
+def test_check_cache_names_each_incompatibility():
+    ok = dict(family="internvl", num_layers=4, k=3, dataset_digest="abc", skip_missing=False)
+    assert check_cache(["reasoning"], FakeCache({"k": 1}, manifest()), **ok) == []
+    grouped = manifest(student_layers=6, signals={"mid": SignalSpec([0, 1, 2, 3, 4], "reasoning",
+                                                                     [[0, 1], [1, 2], [2, 3], [3, 4], [3, 4]])})
+    problems = check_cache(["reasoning"], FakeCache({}, grouped), **{**ok, "dataset_digest": "other"})
+    text = " ".join(problems)
+    assert "pre-grouped for a student of 6 layers" in text and "this student has 4 layers" in text
+    assert "no committed shard" in text and "another dataset" in text
+    assert check_cache(["reasoning"], FakeCache({"k": 1}, grouped), **{**ok, "num_layers": 6, "k": 5}) == []
+    bad = manifest(teacher={"family": "qwen2_5_vl", "name": "q"}, layout={"layout_version": 99, "tiling": {}},
+                   signals={"mid": SignalSpec([0], "reasoning")})
+    text = " ".join(check_cache(["planning"], FakeCache({"k": 1}, bad), **ok))
+    assert "stores no 'penult_tv' signal" in text and "of family qwen2_5_vl" in text and "layout version 99" in text
+    text = " ".join(check_cache(["perception", "reasoning"], FakeCache({"k": 1}, bad), **ok))
+    assert "no 'first_tv' signal for the perception term" in text and "'mid'" not in text.split("stored")[0]
+    assert check_cache(["planning"], FakeCache({"k": 1}, manifest(dataset={"dataset_digest": "x"})),
+                       **{**ok, "skip_missing": True}) == []
+
+
+def test_empty_or_missing_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        data_shards(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "drive-kd/qa-shards", "version": 1, "dataset_digest": "x", "num_samples": 0, "shards": [],
+        "counts": {"perception": 0, "reasoning": 0, "planning": 0}, "skipped": [], "created": {}}))
+    with pytest.raises(DataError, match="lists no samples"):
+        data_shards(str(tmp_path))

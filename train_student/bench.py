@@ -1,0 +1,268 @@
+"""Benchmark of the student trainer: samples/s and peak memory per training mode.
+
+    python -m train_student.bench                     # CPU: tiny models, generated 6-view data, a real cache
+    python -m train_student.bench --synthetic         # GPU default: InternVL3-1B-shape student,
+                                                      # InternVL3-8B-shape teacher, synthetic 6-view samples
+
+Modes: ``sft`` (CE only), ``drive_kd_agp`` (cached maps, AGP + reweighting: the default),
+``drive_kd_no_agp`` (cached maps, plain weighted sum in one backward), ``online_teacher`` (the
+reference approach: teacher in the loop, eager attention everywhere, per-parameter AGP). With a GPU
+also the memory options ``drive_kd_agp_bf16_bank`` and ``drive_kd_agp_bf16_bank_frozen_vision``.
+
+The CPU run drives the real CLI (``python -m train_student``, one process per mode, data loading
+included; peak memory = the process's peak RSS). The synthetic run times the trainer's micro-step
+and optimizer step in-process on random-initialised real-shape models with cached targets
+synthesised at the right shapes (speed and memory do not depend on weight or token values; peak
+memory = CUDA max allocated, model, optimizer and gradient bank included). Writes
+``benchmarks/results/train_<device>.json``. Not a test: nothing asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from pipeline.capture import enable_capture
+from pipeline.models import build_tiny, real_config
+from train_student import config as cfg
+from train_student.data import TrainItem
+from train_student.metrics import read_jsonl
+from train_student.online import OnlineTeacher
+from train_student.step import LayerPlan, prepare_student
+from train_student.train import build_stepper, cosine_schedule
+
+MODES = {  # name -> (CLI flags, config overrides)
+    "sft": (["--sft"], {"loss": {"sft": True}}),
+    "drive_kd_agp": ([], {}),
+    "drive_kd_no_agp": (["--no-agp"], {"method": {"agp": False}}),
+    "online_teacher": (["--online-teacher"], {"model": {"online_teacher": "in-memory"}}),
+}
+GPU_MEMORY_OPTIONS = {
+    "drive_kd_agp_bf16_bank": {"method": {"bank_dtype": "bf16"}},
+    "drive_kd_agp_bf16_bank_frozen_vision": {"method": {"bank_dtype": "bf16"}, "model": {"freeze_vision": True}},
+}
+
+
+# ---------------------------------------------------------------- CPU: the real CLI on tiny models
+def tiny_workdir(root: Path, samples: int) -> dict[str, str]:
+    """Tiny InternVL student and teacher, generated 6-view QA shards and the teacher's cache."""
+    from pipeline.demo_data import generate
+    from pipeline.ingest import ingest
+
+    generate(root / "demo", samples=samples, seed=7, views="6")
+    ingest(root / "demo" / "qa.json", root / "demo", root / "shards", shard_size=max(1, samples // 2))
+    paths = {"student": str(build_tiny("internvl", "student", root / "student")),
+             "teacher": str(build_tiny("internvl", "teacher", root / "teacher")),
+             "data": str(root / "shards"), "cache": str(root / "cache")}
+    subprocess.run([sys.executable, "-m", "cache_teacher", "--teacher", paths["teacher"], "--data", paths["data"],
+                    "--out", paths["cache"], "--workers", "0"], check=True, capture_output=True)
+    return paths
+
+
+def cli_mode(name: str, paths: dict, root: Path, *, warmup: int, steps: int) -> dict:
+    flags, _ = MODES[name]
+    flags = [f if f != "--online-teacher" else f"--online-teacher={paths['teacher']}" for f in flags]
+    cache = [] if name in ("sft", "online_teacher") else ["--cache", paths["cache"]]
+    run = root / f"run-{name}"
+    subprocess.run([sys.executable, "-m", "train_student", "--student", paths["student"], "--data", paths["data"],
+                    *cache, "--out", str(run), *flags, "--max-steps", str(warmup + steps), "--set", "run.progress=false",
+                    "--set", "run.save_every=0"], check=True, capture_output=True,
+                   env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    rows = read_jsonl(run / "metrics.jsonl")[warmup:]
+    seconds = sum(r["samples"] / r["samples_per_s"] for r in rows)
+    return {"samples_per_s": sum(r["samples"] for r in rows) / seconds, "peak_memory_gb": rows[-1]["peak_mem_gb"],
+            "optimizer_steps_timed": len(rows)}
+
+
+# ---------------------------------------------------------------- synthetic: real shapes in memory
+def model_config(shape: str):
+    """A real-size config by name (``real_config``) or the config of a model directory."""
+    return AutoConfig.from_pretrained(shape) if Path(shape).is_dir() else real_config(shape)
+
+
+def synthetic_items(config, *, n: int, views: int, k: int, question: int = 180, answer: int = 40) -> list[TrainItem]:
+    """InternVL-layout samples: text, ``views`` image spans, question, answer; cached targets with
+    the stored shapes (tv blocks [n_text, n_vision], mid [k, S*(S+1)/2])."""
+    g = torch.Generator().manual_seed(0)
+    vocab, image = config.get_text_config().vocab_size, config.image_token_id
+    size = config.vision_config.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+
+    def text(length: int) -> list[int]:
+        ids = torch.randint(min(1000, vocab // 4), min(100000, vocab), (length,), generator=g)
+        return torch.where(ids == image, ids + 1, ids).tolist()
+
+    items = []
+    for i in range(n):
+        ids = text(20) + sum(([image] * config.image_seq_length + text(2) for _ in range(views)), []) \
+            + text(question) + text(answer)
+        input_ids = torch.tensor(ids)
+        is_vision = input_ids == image
+        s, n_vision = len(ids), int(is_vision.sum())
+        labels = torch.full_like(input_ids, -100)
+        labels[s - answer:] = input_ids[s - answer:]
+        targets = {"perception": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
+                   "planning": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
+                   "reasoning": torch.rand(k, s * (s + 1) // 2, generator=g) * (2 / s)}
+        inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones(1, s, dtype=torch.long),
+                  "pixel_values": torch.randn(views, 3, size, size, generator=g)}
+        items.append(TrainItem(key=f"synthetic-{i}", index=i, capability=("perception", "reasoning", "planning")[i % 3],
+                               inputs=inputs, labels=labels, is_vision=is_vision, answer_start=s - answer,
+                               targets=targets))
+    return items
+
+
+def mode_config(name: str, overrides: dict) -> cfg.TrainConfig:
+    data = {"data": {"shards": "synthetic", "caches": {} if name in ("sft", "online_teacher") else
+                     {r: "synthetic" for r in cfg.ROLES}}, "model": {"student": "synthetic"}, "run": {"out": "-"}}
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return cfg.resolve(cfg.from_dict(data))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """CUDA max allocated during the block, or on CPU the process RSS high-water (``poll`` samples it)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self.samples = device, 0, []
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def poll(self) -> None:
+        if self.device.type != "cuda":
+            with open("/proc/self/statm") as handle:
+                self.peak = max(self.peak, int(handle.read().split()[1]) * 4096)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def synthetic_mode(name: str, overrides: dict, *, student_config, items, device, warmup: int, steps: int,
+                   teacher_model=None) -> dict:
+    config = mode_config(name, overrides)
+    with PeakMemory(device) as memory:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(
+                student_config, attn_implementation="eager" if teacher_model is not None else "sdpa")
+        plan = LayerPlan.for_student(student_config.get_text_config().num_hidden_layers, 0, -2)
+        teacher = None
+        if teacher_model is not None:
+            teacher = OnlineTeacher(teacher_model, plan=plan, mid_start=0, mid_end=-2)
+        else:
+            enable_capture(model)
+        prepare_student(model, freeze_vision=config.model.freeze_vision, gradient_checkpointing=False,
+                        captured=plan.layers(config.terms))
+        stepper, _, _ = build_stepper(config, model, plan, device, teacher=teacher)
+        optimizer = torch.optim.AdamW(stepper.params, lr=config.optim.lr, weight_decay=0.0)
+        scheduler = cosine_schedule(optimizer, total_steps=warmup + steps, warmup=0, floor=0.01)
+        accum = config.optim.grad_accum
+        for window in range(warmup + steps):
+            if window == warmup:
+                sync(device)
+                start = time.perf_counter()
+            for j in range(accum):
+                stepper.micro_step(items[(window * accum + j) % len(items)])
+                memory.poll()
+            stepper.finish_window(window + 1)
+            stepper.apply(optimizer, scheduler)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    del model, stepper, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"samples_per_s": steps * accum / elapsed, "peak_memory_gb": memory.peak / 2**30,
+            "optimizer_steps_timed": steps}
+
+
+def run_synthetic(args, device: torch.device) -> dict:
+    student_config, teacher_config = model_config(args.student_shape), model_config(args.teacher_shape)
+    k = student_config.get_text_config().num_hidden_layers - 1
+    items = synthetic_items(student_config, n=4, views=args.views, k=k)
+    result = {"student": args.student_shape, "teacher": args.teacher_shape, "views": args.views,
+              "seq_len": statistics.mean(it.labels.numel() for it in items), "modes": {}}
+    extra = GPU_MEMORY_OPTIONS if device.type == "cuda" else {}
+    for name, overrides in [*((n, o) for n, (_, o) in MODES.items() if n != "online_teacher"), *extra.items()]:
+        result["modes"][name] = synthetic_mode(name, overrides, student_config=student_config, items=items,
+                                               device=device, warmup=args.warmup, steps=args.steps)
+        print(name, result["modes"][name], file=sys.stderr)
+    with torch.device(device):
+        teacher = AutoModelForImageTextToText.from_config(
+            teacher_config, attn_implementation="eager",
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    result["modes"]["online_teacher"] = synthetic_mode("online_teacher", MODES["online_teacher"][1],
+                                                       student_config=student_config, items=items, device=device,
+                                                       warmup=args.warmup, steps=args.steps, teacher_model=teacher)
+    return result
+
+
+def summarise(result: dict, device: torch.device) -> None:
+    modes = result["modes"]
+    rate = {name: m["samples_per_s"] for name, m in modes.items()}
+    result["ratios"] = {"drive_kd_agp_vs_online_samples_per_s": rate["drive_kd_agp"] / rate["online_teacher"],
+                        "drive_kd_agp_step_cost_vs_sft": rate["sft"] / rate["drive_kd_agp"],
+                        "drive_kd_no_agp_step_cost_vs_sft": rate["sft"] / rate["drive_kd_no_agp"]}
+    result["targets"] = {"cached_at_least_4x_online": result["ratios"]["drive_kd_agp_vs_online_samples_per_s"] >= 4,
+                         "agp_at_most_2.5x_sft": result["ratios"]["drive_kd_agp_step_cost_vs_sft"] <= 2.5}
+    if device.type == "cuda":
+        result["targets"]["under_24gb"] = {name: m["peak_memory_gb"] < 24 for name, m in modes.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m train_student.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="results JSON (default benchmarks/results/train_<device>.json)")
+    p.add_argument("--synthetic", action="store_true", help="in-memory real-shape models (default on a GPU)")
+    p.add_argument("--student-shape", default="InternVL3-1B", help="real-size name or model directory (synthetic)")
+    p.add_argument("--teacher-shape", default="InternVL3-8B", help="real-size name or model directory (synthetic)")
+    p.add_argument("--views", type=int, default=6, help="camera views per synthetic sample")
+    p.add_argument("--warmup", type=int, default=1, help="optimizer steps not timed")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps timed (4 samples each)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    result = {"device": device_name, "cpus": os.cpu_count(), "torch": torch.__version__,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "command": "python -m train_student.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.synthetic or device.type == "cuda":
+        result.update(run_synthetic(args, device))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            paths = tiny_workdir(root, 4 * (args.warmup + args.steps))
+            result.update({"student": "tiny internvl student (4 layers)", "teacher": "tiny internvl teacher (6 layers)",
+                           "views": 6, "pipeline": "python -m train_student, 2 DataLoader workers", "modes": {}})
+            for name in MODES:
+                result["modes"][name] = cli_mode(name, paths, root, warmup=args.warmup, steps=args.steps)
+                print(name, result["modes"][name], file=sys.stderr)
+    summarise(result, device)
+    out = Path(args.out or f"benchmarks/results/train_{device_name.replace(' ', '_') or 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
