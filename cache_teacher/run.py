@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
 from cache_teacher.store import committed_shards, filesystem, remove_shard
 from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
+from pipeline.cache_reader import open_cache
 from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
 from pipeline.models import resolve_model
 from pipeline.processors import family_of, load_processor
@@ -121,6 +122,12 @@ def check_layouts(config: CacheConfig, teacher_dir, manifest: CacheManifest, fir
     sample = next(iter_shard(first_shard))
     tiling = TilingPolicy(**manifest.layout["tiling"])
     teacher = build_layout(sample.record, sample.images, load_processor(teacher_dir), tiling=tiling)
+    cached = None if config.overwrite else committed_digest(config.out, sample.key)
+    if cached is not None and cached != teacher.digest:
+        raise ValueError(
+            f"sample {sample.key}: the teacher's processor lays it out with digest {teacher.digest}, but the "
+            f"committed cache shards hold {cached}. The processor, tokenizer or tiling changed since the cache "
+            "was started; use a new --out (or --overwrite) instead of resuming.")
     if config.student:
         student_dir = resolve_model(config.student)
         student = build_layout(sample.record, sample.images, load_processor(student_dir), tiling=tiling)
@@ -130,6 +137,15 @@ def check_layouts(config: CacheConfig, teacher_dir, manifest: CacheManifest, fir
                 f"(S={teacher.seq_len}, vision={teacher.n_vision}) vs student {student.digest} "
                 f"(S={student.seq_len}, vision={student.n_vision}). Likely cause: a different model family or "
                 "tokenizer, or a different image tiling; distil within one family.")
+
+
+def committed_digest(root: str, key: str) -> str | None:
+    """Layout digest of ``key`` in the committed part of an existing cache, or None."""
+    fs, path = filesystem(root)
+    if not fs.exists(posixpath.join(path, MANIFEST_NAME)) or 0 not in committed_shards(root):
+        return None
+    cache = open_cache(root)
+    return cache[key].digest if key in cache else None
 
 
 def prepare_output(config: CacheConfig, manifest: CacheManifest) -> None:

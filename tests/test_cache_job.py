@@ -227,3 +227,18 @@ def test_fsspec_url_output(tiny_models, tiny_shards):
     run(config)
     cache = open_cache(config.out)
     assert len(cache) == 8 and cache[cache.keys()[0]].first_tv.ndim == 2
+
+
+def test_resume_refuses_a_changed_layout(tmp_path, tiny_models, tiny_shards):
+    import pyarrow as pa
+
+    _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
+    index = tmp_path / "c" / "shards" / "shard-000000.parquet"
+    table = pq.read_table(index)
+    digests = table.column("layout_digest").to_pylist()
+    digests[0] = "0" * 16
+    pq.write_table(table.set_column(table.schema.get_field_index("layout_digest"), "layout_digest",
+                                    pa.array(digests)), index)
+    (tmp_path / "c" / "shards" / "shard-000002.done").unlink()
+    with pytest.raises(ValueError, match="committed cache shards hold 0000000000000000"):
+        _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
