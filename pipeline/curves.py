@@ -38,10 +38,10 @@ def plot_runs(runs: dict[str, list[dict]], out_png: str | Path) -> Path:
         raise ValueError(f"no loss values in the metrics of runs {sorted(runs)}")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False)
     for ax, (name, title) in zip(axes[0], panels):
-        for label, rows in runs.items():
+        for i, (label, rows) in enumerate(runs.items()):
             steps, values = _series(rows, name)
-            if steps:
-                ax.plot(steps, values, label=label, linewidth=1.2)
+            if steps:  # one colour per run across panels
+                ax.plot(steps, values, label=label, linewidth=1.2, color=f"C{i}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
