@@ -12,7 +12,6 @@ for the synthetic calibration maps of ``pipeline.cache_codecs`` separately.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pipeline.layout import build_layout
 from pipeline.models import build_tiny, load_model, real_config
 from pipeline.processors import load_processor
 from pipeline.shards import iter_samples
+from pipeline.bench_results import device_name, write_results
 
 
 class PeakMemory:
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="results JSON (default benchmarks/results/cache_<device>.json)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": device_name, "machine": platform.node(), "torch": torch.__version__,
+    result = {"device": device_name(), "machine": platform.node(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python -m cache_teacher.bench "
               + " ".join(argv if argv is not None else sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,10 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         if samples is not None:
             result["storage"] = storage_figures(model, processor, samples, plan, device)
     result["storage_synthetic_S1800"] = synthetic_storage()
-    out = Path(args.out or f"benchmarks/results/cache_{device_name.replace(' ', '_') or 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(result, "cache", args.out)
 
 
 if __name__ == "__main__":

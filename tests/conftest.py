@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from http.server import ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -50,3 +53,17 @@ def tiny_shards(tmp_path_factory):
     generate(root / "demo", samples=8, seed=3)
     ingest(root / "demo" / "qa.json", root / "demo", root / "shards", shard_size=3)
     return root / "shards"
+
+
+@contextlib.contextmanager
+def localhost_server(handler):
+    """A ThreadingHTTPServer on 127.0.0.1 (port chosen by the OS) serving ``handler`` in a thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -9,12 +9,13 @@ import json
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import localhost_server
 from pipeline.choices import extract_choice, parse_options
 from pipeline.demo_data import generate
 from pipeline.drivebench import DRIVEBENCH_CATEGORY_MAP, NUSCENES_CAMERAS
@@ -90,14 +91,9 @@ def judge(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _JudgeHandler)
-    server.lock, server.requests = threading.Lock(), []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with localhost_server(_JudgeHandler) as server:
+        server.lock, server.requests = threading.Lock(), []
+        yield server
 
 
 def _recompute(report: Path) -> dict:

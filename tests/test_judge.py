@@ -6,10 +6,11 @@ A local ThreadingHTTPServer on 127.0.0.1 plays the OpenAI-compatible endpoint; n
 import json
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from conftest import localhost_server
 from pipeline.judge import (
     DEFAULT_TEMPLATES_DIR,
     REASK_PROMPT,
@@ -63,13 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with localhost_server(_Handler) as server:
+        yield server
 
 
 @pytest.fixture

@@ -20,9 +20,7 @@ memory = CUDA max allocated, model, optimizer and gradient bank included). Write
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
 from train_student.step import LayerPlan, prepare_student
 from train_student.train import build_stepper, cosine_schedule
+from pipeline.bench_results import device_name, write_results
 
 MODES = {  # name -> (CLI flags, config overrides)
     "sft": (["--sft"], {"loss": {"sft": True}}),
@@ -242,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps timed (4 samples each)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    result = {"device": device_name, "cpus": os.cpu_count(), "torch": torch.__version__,
+    result = {"device": device_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "command": "python -m train_student.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.synthetic or device.type == "cuda":
@@ -258,10 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["modes"][name] = cli_mode(name, paths, root, warmup=args.warmup, steps=args.steps)
                 print(name, result["modes"][name], file=sys.stderr)
     summarise(result, device)
-    out = Path(args.out or f"benchmarks/results/train_{device_name.replace(' ', '_') or 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_results(result, "train", args.out)
 
 
 if __name__ == "__main__":
