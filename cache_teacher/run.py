@@ -21,7 +21,7 @@ import transformers
 from tqdm import tqdm
 
 from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
-from cache_teacher.store import committed_shards, filesystem, remove_shard
+from cache_teacher.store import committed_shards, filesystem
 from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
 from pipeline.cache_reader import open_cache
 from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
@@ -230,7 +230,8 @@ def run(config: CacheConfig) -> CacheManifest:
     teacher_dir = resolve_model(config.teacher)
     data_manifest = read_manifest(config.data)
     paths = shard_paths(config.data)
-    missing = [p for p in paths if not filesystem(p)[0].exists(filesystem(p)[1])]
+    fs, _ = filesystem(config.data)
+    missing = [p for p in paths if not fs.exists(p)]
     if missing:
         raise FileNotFoundError(f"data shard(s) missing: {', '.join(missing)}; re-run pipeline.ingest")
     manifest = build_manifest(config, teacher_dir, data_manifest)
@@ -238,11 +239,9 @@ def run(config: CacheConfig) -> CacheManifest:
     prepare_output(config, manifest)
     done = committed_shards(config.out)
     todo = [(i, p, e.samples) for i, (p, e) in enumerate(zip(paths, data_manifest.shards)) if i not in done]
-    for index, _, _ in todo:
-        remove_shard(config.out, index)  # partial leftovers of an interrupted run
-    print(f"cache {config.out}: {len(done)} shard(s) committed, {len(todo)} to do; teacher "
-          f"{manifest.teacher['name']} ({manifest.teacher['num_layers']} layers), signals "
-          f"{ {k: v.layers if len(v.layers) < 4 else f'{v.layers[0]}..{v.layers[-1]}' for k, v in manifest.signals.items()} }",
+    layers = ", ".join(f"{name} {spec.layers[0]}..{spec.layers[-1]}" for name, spec in manifest.signals.items())
+    print(f"cache {config.out}: {len(done)} shard(s) committed, {len(todo)} to do (partial ones are rewritten); "
+          f"teacher {manifest.teacher['name']} ({manifest.teacher['num_layers']} layers); layers {layers}",
           file=sys.stderr)
     if todo:
         settings = worker_settings(config, teacher_dir, manifest)

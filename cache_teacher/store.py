@@ -36,15 +36,6 @@ def committed_shards(root: str) -> set[int]:
     return {int(posixpath.basename(p)[len("shard-"):-len(".done")]) for p in fs.glob(pattern)}
 
 
-def remove_shard(root: str, index: int) -> None:
-    """Delete every file of cache shard ``index`` (marker first, so it never looks committed)."""
-    fs, path = filesystem(root)
-    for part in ("marker", "index", "group"):
-        target = posixpath.join(path, shard_files(index)[part])
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
-
-
 def block_rows_for(signal: str, shape: tuple[int, ...]) -> np.ndarray:
     """Rows of each codec block of a sample: one block per map (a lossy codec bounds its error per
     block), so n_maps blocks of S rows for ``mid`` and one block of n_text rows for a tv block."""
@@ -80,7 +71,9 @@ class CacheShardWriter:
         self.group = None
 
     def __enter__(self) -> "CacheShardWriter":
-        remove_shard(self.root, self.index)
+        for part in ("marker", "index", "group"):  # a partial shard is rewritten from scratch, marker first
+            if self.fs.exists(self.files[part]):
+                self.fs.rm(self.files[part], recursive=True)
         self.fs.makedirs(posixpath.join(self.path, "shards"), exist_ok=True)
         store = zarr_store(self.root, shard_files(self.index)["group"], read_only=False)
         self.group = zarr.open_group(store=store, mode="w", zarr_format=3)

@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_make_demo_small(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    inherited = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MODEL_DIR", "DATA", "EVAL_DATA", "CACHES", "RUNS", "REPORT",
+                 "TEACHER", "STUDENT", "ROOT"}  # `make test` exports some of these; the demo must use ROOT
+    env = {k: v for k, v in os.environ.items() if k not in inherited} | {"PYTHONUNBUFFERED": "1"}
     cmd = ["make", "-C", str(REPO), "demo", f"ROOT={tmp_path}", "SAMPLES=24", "EVAL_SAMPLES=9"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
