@@ -5,7 +5,8 @@ One attention function is registered with transformers' ``AttentionInterface`` (
 layer it forms ``softmax(Q K^T * scale + mask)`` in float32, averages the heads on the device and
 hands the map to the active ``AttentionCapture``; every other layer (and the vision tower) runs
 SDPA. Nothing is added to ``outputs.attentions``. Gradients flow through the captured maps, so the
-student trainer uses the same function.
+student trainer uses the same function; backward recomputes the probabilities rather than storing
+them, so a captured layer keeps only Q, K and V for backward.
 
     enable_capture(model)
     with AttentionCapture(model, layers=[0, 22]) as cap:
@@ -26,20 +27,59 @@ CAPTURE_IMPLEMENTATION = "drivekd_capture"
 _ACTIVE: dict[int, tuple["AttentionCapture", int]] = {}
 
 
-def _probabilities(query, key, attention_mask, scaling, groups: int) -> torch.Tensor:
-    """softmax(Q K^T * scaling + mask) in float32. query [B,H,S,D], key [B,KVH,S,D] -> [B,H,S,S]."""
-    key = repeat_kv(key, groups)
+def _probabilities(query, key, attention_mask, scaling) -> torch.Tensor:
+    """softmax(Q K^T * scaling + mask) in float32. query, key [B,H,S,D] -> [B,H,S,S]."""
     with torch.autocast(query.device.type, enabled=False):  # float32 under bf16 autocast too (student)
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.float()
+        return torch.softmax(scores, dim=-1)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """Attention output and head-mean probabilities; backward recomputes the probabilities.
+
+    Only Q, K, V (and the shared mask) are kept for backward instead of the [B,H,S,S] float32
+    probabilities, so a captured student layer costs about the activation memory of an SDPA layer.
+    forward(query, key, value [B,H,S,D], mask [B|1,1,S,S], scaling) -> (output [B,H,S,D], head_mean [B,S,S]).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scaling):
+        probs = _probabilities(query, key, attention_mask, scaling)
+        ctx.save_for_backward(query, key, value, attention_mask)
+        ctx.scaling = scaling
+        with torch.autocast(query.device.type, enabled=False):
+            output = torch.matmul(probs.to(value.dtype), value)
+        return output, probs.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_mean):
+        query, key, value, attention_mask = ctx.saved_tensors
+        probs = _probabilities(query, key, attention_mask, ctx.scaling)
+        grad_value, grad_probs = None, torch.zeros_like(probs)
+        with torch.autocast(query.device.type, enabled=False):
+            if grad_output is not None:
+                grad_value = torch.matmul(probs.to(value.dtype).transpose(-1, -2), grad_output)
+                grad_probs = torch.matmul(grad_output, value.transpose(-1, -2)).float()
+            if grad_mean is not None:
+                grad_probs = grad_probs + grad_mean.float()[:, None] / probs.shape[1]
+            grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * ctx.scaling
+            if attention_mask.dtype == torch.bool:  # masked_fill passes no gradient to masked scores
+                grad_scores = grad_scores.masked_fill(~attention_mask, 0.0)
+            grad_query = torch.matmul(grad_scores, key.float()).to(query.dtype)
+            grad_key = torch.matmul(grad_scores.transpose(-1, -2), query.float()).to(key.dtype)
+        return grad_query, grad_key, grad_value, None, None
+
+
+def captured_attention(query, key, value, attention_mask, scaling):
+    """(output [B,H,S,D], head-mean probabilities [B,S,S]) with a causal mask when none is given."""
     if attention_mask is None:
-        q_len, k_len = scores.shape[-2:]
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        attention_mask = causal[None, None]
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask.float()
-    return torch.softmax(scores, dim=-1)
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    return _RecomputedAttention.apply(query, key, value, attention_mask, scaling)
 
 
 def capture_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -52,11 +92,11 @@ def capture_attention_forward(module, query, key, value, attention_mask, dropout
     capture, layer = entry
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     groups = getattr(module, "num_key_value_groups", 1)
-    probs = _probabilities(query, key, attention_mask, scaling, groups)
     if module.training and dropout > 0:
         raise ValueError(f"attention dropout {dropout} is not supported at captured layers; set attention_dropout=0")
-    output = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups))
-    capture.record(layer, probs.mean(dim=1))
+    output, head_mean = captured_attention(query, repeat_kv(key, groups), repeat_kv(value, groups),
+                                           attention_mask, scaling)
+    capture.record(layer, head_mean)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -70,3 +70,37 @@ def test_capture_rejects_bad_layers_and_missing_enable(tiny_models):
     enable_capture(model)
     with pytest.raises(ValueError, match=r"out of range: the model has 4 decoder layers"):
         AttentionCapture(model, [0, 7])
+
+
+def _plain_attention(query, key, value, mask, scaling):
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    return probs.to(value.dtype) @ value, probs.mean(dim=1)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_recomputed_backward_equals_autograd(padded):
+    from pipeline.capture import captured_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 3, 7, 4
+    query, key, value = (torch.randn(b, h, s, d, generator=g, dtype=torch.float64, requires_grad=True)
+                         for _ in range(3))
+    mask = torch.ones(s, s, dtype=torch.bool).tril()[None, None].repeat(b, 1, 1, 1)
+    if padded:
+        mask[0, :, :, :2] = False  # left padding of the first sample
+    w_out, w_mean = torch.randn(b, h, s, d, generator=g, dtype=torch.float64), torch.randn(b, s, s, generator=g,
+                                                                                         dtype=torch.float64)
+    grads = []
+    for fn in (captured_attention, _plain_attention):
+        out, mean = fn(query, key, value, mask, 0.5)
+        (out * w_out).sum().add((mean * w_mean).sum()).backward()
+        grads.append([t.grad.clone() for t in (query, key, value)])
+        for t in (query, key, value):
+            t.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # float32 inside vs a float64 oracle
+    out, mean = captured_attention(query, key, value, None, 0.5)  # no mask given: causal
+    (mean.sum() * 0 + mean[:, -1].square().sum()).backward()
+    assert query.grad is not None and value.grad.abs().sum() == 0  # the map alone does not involve V
