@@ -16,7 +16,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,42 +30,7 @@ from pipeline.layout import build_layout
 from pipeline.models import build_tiny, load_model, real_config
 from pipeline.processors import load_processor
 from pipeline.shards import iter_samples
-from pipeline.bench_results import device_name, write_results
-
-
-class PeakMemory:
-    """Peak memory during a block: CUDA max allocated, or on CPU the RSS high-water above the start
-    (sampled every 2 ms from /proc/self/statm)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * 4096
-
-    def _poll(self, base: int) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - base)
-            time.sleep(0.002)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self._thread = threading.Thread(target=self._poll, args=(self._rss(),), daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
+from pipeline.bench_results import PeakMemory, device_name, write_results
 
 
 def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -22,3 +24,38 @@ def write_results(result: dict, kind: str, out: str | None = None) -> Path:
     path.write_text(text + "\n")
     print(text)
     return path
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated, or on CPU the RSS high-water above the start
+    (sampled every 2 ms from /proc/self/statm)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    def _poll(self, base: int) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - base)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._poll, args=(self._rss(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()

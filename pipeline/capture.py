@@ -5,8 +5,8 @@ One attention function is registered with transformers' ``AttentionInterface`` (
 layer it forms ``softmax(Q K^T * scale + mask)`` in float32, averages the heads on the device and
 hands the map to the active ``AttentionCapture``; every other layer (and the vision tower) runs
 SDPA. Nothing is added to ``outputs.attentions``. Gradients flow through the captured maps, so the
-student trainer uses the same function; backward recomputes the probabilities rather than storing
-them, so a captured layer keeps only Q, K and V for backward.
+student trainer uses the same function (optionally recomputing the probabilities in backward to
+save memory).
 
     enable_capture(model)
     with AttentionCapture(model, layers=[0, 22]) as cap:
@@ -74,12 +74,16 @@ class _RecomputedAttention(torch.autograd.Function):
         return grad_query, grad_key, grad_value, None, None
 
 
+def _causal_if_none(attention_mask, query, key):
+    if attention_mask is not None:
+        return attention_mask
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+
+
 def captured_attention(query, key, value, attention_mask, scaling):
-    """(output [B,H,S,D], head-mean probabilities [B,S,S]) with a causal mask when none is given."""
-    if attention_mask is None:
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
-    return _RecomputedAttention.apply(query, key, value, attention_mask, scaling)
+    """(output [B,H,S,D], head-mean probabilities [B,S,S]); backward recomputes the probabilities."""
+    return _RecomputedAttention.apply(query, key, value, _causal_if_none(attention_mask, query, key), scaling)
 
 
 def capture_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -94,8 +98,12 @@ def capture_attention_forward(module, query, key, value, attention_mask, dropout
     groups = getattr(module, "num_key_value_groups", 1)
     if module.training and dropout > 0:
         raise ValueError(f"attention dropout {dropout} is not supported at captured layers; set attention_dropout=0")
-    output, head_mean = captured_attention(query, repeat_kv(key, groups), repeat_kv(value, groups),
-                                           attention_mask, scaling)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if capture.recompute:
+        output, head_mean = captured_attention(query, key, value, attention_mask, scaling)
+    else:
+        probs = _probabilities(query, key, _causal_if_none(attention_mask, query, key), scaling)
+        output, head_mean = torch.matmul(probs.to(value.dtype), value), probs.mean(dim=1)
     capture.record(layer, head_mean)
     return output.transpose(1, 2).contiguous(), None
 
@@ -124,10 +132,12 @@ class AttentionCapture:
 
     ``maps[layer]`` is [B, S, S] float32 (rows = queries), attached to the autograd graph when the
     forward runs with gradients. ``transform(layer, map) -> tensor`` may slice a map as it arrives
-    (e.g. to a text-to-vision block) so the full map is not kept.
+    (e.g. to a text-to-vision block) so the full map is not kept. ``recompute=True`` keeps only Q, K,
+    V for backward and recomputes the [B,H,S,S] probabilities there: far less activation memory per
+    captured layer, one more attention forward per backward.
     """
 
-    def __init__(self, model, layers, *, transform=None):
+    def __init__(self, model, layers, *, transform=None, recompute: bool = False):
         self.modules = decoder_attention_modules(model)
         n = len(self.modules)
         resolved = sorted({layer + n if layer < 0 else layer for layer in layers})
@@ -139,6 +149,7 @@ class AttentionCapture:
                              "pipeline.capture.enable_capture(model) after loading it")
         self.layers = resolved
         self.transform = transform
+        self.recompute = recompute
         self.maps: dict[int, torch.Tensor] = {}
 
     def record(self, layer: int, head_mean: torch.Tensor) -> None:

@@ -104,3 +104,19 @@ def test_recomputed_backward_equals_autograd(padded):
     out, mean = captured_attention(query, key, value, None, 0.5)  # no mask given: causal
     (mean.sum() * 0 + mean[:, -1].square().sum()).backward()
     assert query.grad is not None and value.grad.abs().sum() == 0  # the map alone does not involve V
+
+
+def test_recompute_option_gives_the_same_gradients(tiny_models):
+    model_dir = tiny_models["qwen2_5_vl", "student"]
+    inputs = _batch(model_dir, [6])
+    grads = []
+    for recompute in (False, True):
+        model = load_model(model_dir)
+        enable_capture(model)
+        with AttentionCapture(model, [0, 1, 2], recompute=recompute) as cap:
+            out = model(**inputs)
+        loss = out.logits.float().square().mean() + sum(m.square().sum() for m in cap.maps.values())
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -40,6 +40,7 @@ from train_student.online import OnlineTeacher
 from train_student.step import LayerPlan, prepare_student
 from train_student.train import build_stepper, cosine_schedule
 from pipeline.bench_results import device_name, write_results
+from pipeline.capture import captured_attention
 
 MODES = {  # name -> (CLI flags, config overrides)
     "sft": (["--sft"], {"loss": {"sft": True}}),
@@ -50,6 +51,8 @@ MODES = {  # name -> (CLI flags, config overrides)
 GPU_MEMORY_OPTIONS = {
     "drive_kd_agp_bf16_bank": {"method": {"bank_dtype": "bf16"}},
     "drive_kd_agp_bf16_bank_frozen_vision": {"method": {"bank_dtype": "bf16"}, "model": {"freeze_vision": True}},
+    "drive_kd_agp_bf16_bank_frozen_vision_recompute": {"method": {"bank_dtype": "bf16"},
+                                                       "model": {"freeze_vision": True, "recompute_attention": True}},
 }
 
 
@@ -217,6 +220,30 @@ def run_synthetic(args, device: torch.device) -> dict:
     return result
 
 
+def captured_layer_memory(*, heads: int = 14, seq: int = 1800, dim: int = 64) -> dict:
+    """Bytes autograd keeps for backward through one captured attention layer (InternVL3-1B heads, a
+    6-view sequence): probabilities stored by plain autograd vs recomputed in backward
+    (pipeline.capture). Counted with saved-tensor hooks, so the figure is exact and device-independent."""
+    def stored(q, k, v, mask, scaling):
+        probs = torch.softmax((q @ k.transpose(-1, -2) * scaling).masked_fill(~mask, -1e30), dim=-1)
+        return probs @ v, probs.mean(dim=1)
+
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None]
+    figures = {"heads": heads, "seq_len": seq, "head_dim": dim}
+    for name, fn in (("recomputed", captured_attention), ("stored", stored)):
+        q, k, v = (torch.randn(1, heads, seq, dim, requires_grad=True) for _ in range(3))
+        saved: dict[tuple, int] = {}
+
+        def pack(tensor):
+            saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            fn(q, k, v, mask, dim ** -0.5)
+        figures[f"{name}_saved_gb"] = sum(saved.values()) / 2**30
+    return figures
+
+
 def summarise(result: dict, device: torch.device) -> None:
     modes = result["modes"]
     rate = {name: m["samples_per_s"] for name, m in modes.items()}
@@ -256,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["modes"][name] = cli_mode(name, paths, root, warmup=args.warmup, steps=args.steps)
                 print(name, result["modes"][name], file=sys.stderr)
     summarise(result, device)
+    result["captured_layer_saved_for_backward"] = captured_layer_memory()
     write_results(result, "train", args.out)
 
 

@@ -119,12 +119,13 @@ class CapturedForward:
     plan: LayerPlan
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    recompute_attention: bool = False
 
     def __call__(self, item: TrainItem, terms) -> dict[str, Tensor]:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in item.inputs.items()}
         keep = item.labels.numel() - item.answer_start + 1
         with autocast_context(self.device, self.autocast_dtype), \
-                AttentionCapture(self.model, self.plan.layers(terms)) as cap:
+                AttentionCapture(self.model, self.plan.layers(terms), recompute=self.recompute_attention) as cap:
             out = self.model(**inputs, use_cache=False, logits_to_keep=keep)
         maps = {layer: m[0] for layer, m in cap.maps.items()}
         return student_losses(out.logits, maps, item, self.plan, terms, self.device)

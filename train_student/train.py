@@ -123,7 +123,7 @@ def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch
         if m.agp or m.reweight:
             bank, combine = ParameterGrads(params), per_parameter_combine
     else:
-        forward = CapturedForward(model, plan, device, dtype)
+        forward = CapturedForward(model, plan, device, dtype, config.model.recompute_attention)
         if m.agp or m.reweight:
             bank = GradBank(params, 1 + len(terms), dtype=torch.bfloat16 if m.bank_dtype == "bf16" else torch.float32)
     stepper = MicroStepper(forward=forward, weights=weights, params=params, device=device,
