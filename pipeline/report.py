@@ -23,7 +23,8 @@ from pipeline.curves import plot_runs, read_metrics
 from pipeline.layout import build_layout
 from pipeline.models import load_model
 from pipeline.processors import load_processor
-from pipeline.scoring import load_scores, render_table
+from pipeline.choices import parse_options
+from pipeline.scoring import AVERAGE_COLUMN, TABLE_COLUMNS, load_scores, read_predictions, render_table
 from pipeline.shards import iter_samples
 from schemas.qa import CAPABILITIES
 
@@ -41,15 +42,29 @@ def _pairs(text_list: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def chance_row(eval_dir: str) -> dict:
+    """Expected % of a uniform guess over each multiple-choice question's options, per capability."""
+    per_capability: dict[str, list[float]] = {c: [] for c in CAPABILITIES}
+    for prediction in read_predictions(Path(eval_dir) / "predictions.jsonl"):
+        options = parse_options(prediction.question)
+        if prediction.multiple_choice and options:
+            per_capability[prediction.capability].append(100.0 / len(options))
+    table = {TABLE_COLUMNS[c]: sum(v) / len(v) if v else None for c, v in per_capability.items()}
+    present = [v for v in table.values() if v is not None]
+    table[AVERAGE_COLUMN] = sum(present) / len(present) if present else None
+    return {"label": "chance (uniform guess)", "table": table}
+
+
 def score_section(evals: dict[str, str]) -> str:
     runs = []
     for label, path in evals.items():
         scores = dict(load_scores(path))
         scores["label"] = label
         runs.append(scores)
+    runs.append(chance_row(next(iter(evals.values()))))
     notes = [f"- {label}: `{path}/scores.json`" for label, path in evals.items()]
     return "## Scores (held-out split, % per capability)\n\n" + render_table(runs) + "\nSources:\n" + \
-        "\n".join(notes) + "\n"
+        "\n".join(notes) + "\n- chance: one over the number of lettered options of each multiple-choice question\n"
 
 
 def gradient_section(label: str, rows: list[dict]) -> str:
