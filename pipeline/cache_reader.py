@@ -26,7 +26,7 @@ import zarr
 
 from pipeline.attention_maps import tril_to_dense
 from pipeline.cache_codecs import codec_from_description
-from schemas.cache import MANIFEST_NAME, CacheManifest, shard_files
+from schemas.cache import INDEX_COLUMNS, MANIFEST_NAME, SIGNAL_COLUMNS, CacheManifest, shard_files
 
 
 def row_lengths_for(signal: str, shape) -> np.ndarray:
@@ -134,7 +134,14 @@ class TeacherCache:
         markers = self.fs.glob(posixpath.join(self.path, "shards", "shard-*.done"))
         for marker in sorted(markers):
             shard = int(posixpath.basename(marker)[len("shard-"):-len(".done")])
-            table = pq.read_table(posixpath.join(self.path, shard_files(shard)["index"]), filesystem=self.fs)
+            index_path = posixpath.join(self.path, shard_files(shard)["index"])
+            table = pq.read_table(index_path, filesystem=self.fs)
+            required = set(INDEX_COLUMNS) | {f"{signal}_{suffix}" for signal in self.manifest.signals
+                                             for suffix in SIGNAL_COLUMNS}
+            missing = sorted(required - set(table.column_names))
+            if table.num_rows and missing:
+                raise ValueError(f"{index_path}: index columns {missing} are missing; the shard was not written by "
+                                 "this cache format. Re-create the cache (python -m cache_teacher ... --overwrite).")
             for row in table.to_pylist():
                 rows[row["key"]] = row
         return rows

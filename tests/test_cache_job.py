@@ -242,3 +242,11 @@ def test_resume_refuses_a_changed_layout(tmp_path, tiny_models, tiny_shards):
     (tmp_path / "c" / "shards" / "shard-000002.done").unlink()
     with pytest.raises(ValueError, match="committed cache shards hold 0000000000000000"):
         _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
+
+
+def test_reader_refuses_an_index_without_its_columns(tmp_path, tiny_models, tiny_shards):
+    _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
+    index = tmp_path / "c" / "shards" / "shard-000001.parquet"
+    pq.write_table(pq.read_table(index).drop_columns(["first_tv_row_offset"]), index)
+    with pytest.raises(ValueError, match=r"shard-000001.parquet: index columns \['first_tv_row_offset'\] are missing"):
+        open_cache(tmp_path / "c").keys()
