@@ -14,40 +14,17 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from schemas.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LATEST_NAME, META_NAME, STATE_NAME, LoopState
 from train_student.config import differences
-
-CHECKPOINT_FORMAT = "drive-kd/student-checkpoint"
-CHECKPOINT_VERSION = 1
-META_NAME, STATE_NAME, LATEST_NAME = "meta.json", "trainer_state.pt", "latest"
-LOGS = ("metrics.jsonl", "samples.jsonl")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (missing, other version, incompatible config)."""
-
-
-@dataclass
-class LoopState:
-    """Where the loop stands; saved in meta.json."""
-
-    step: int = 0
-    """optimizer steps done."""
-    epoch: int = 0
-    """current epoch (== epochs when the run is complete)."""
-    position: int = 0
-    """samples of this epoch's rank stream already consumed (trained or skipped)."""
-    samples: int = 0
-    """samples trained in total."""
-    skipped: int = 0
-    """samples skipped in total (--skip-missing)."""
-    log_bytes: dict = field(default_factory=lambda: {name: 0 for name in LOGS})
-    """sizes of the run's JSONL logs at this point (a resume truncates them back)."""
 
 
 def rng_state(generator: torch.Generator | None) -> dict:

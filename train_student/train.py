@@ -23,10 +23,10 @@ from pipeline.capture import enable_capture
 from pipeline.models import load_model, resolve_model
 from pipeline.processors import family_of, load_processor
 from pipeline.shards import ShardError
+from schemas.checkpoint import LoopState
 from train_student import config as cfg
 from train_student.agp import GradBank
-from train_student.checkpoint import (CheckpointError, LoopState, find_checkpoint, read_meta, restore_state,
-                                      save_checkpoint)
+from train_student.checkpoint import CheckpointError, find_checkpoint, read_meta, restore_state, save_checkpoint
 from train_student.data import DataError, DataSource, make_loader, open_source
 from train_student.metrics import JsonlLog, peak_memory_gb
 from train_student.reweight import LossReweighter
