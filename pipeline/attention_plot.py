@@ -8,6 +8,7 @@ teacher / Drive-KD student / baseline) over the camera images.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def draw_overlays(images, views: list[str], rows: dict[str, list[np.ndarray]], *
     import matplotlib.pyplot as plt
 
     n_rows, n_cols = len(rows), len(images)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.4 * n_rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(max(2.6 * n_cols, 4.2), 2.4 * n_rows + 0.9), squeeze=False)
     vmax = max(float(g.max()) for grids in rows.values() for g in grids) or 1.0
     for r, (label, grids) in enumerate(rows.items()):
         for c, (image, grid) in enumerate(zip(images, grids)):
@@ -76,7 +77,7 @@ def draw_overlays(images, views: list[str], rows: dict[str, list[np.ndarray]], *
                 ax.set_title(views[c], fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=max(48, 16 * n_cols)), fontsize=8)
     fig.tight_layout()
     return fig
 
