@@ -52,17 +52,25 @@ def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict
             "peak_memory_gb": mem.peak / 2**30}
 
 
-def synthetic_inputs(config, n: int, views: int, device) -> list[dict]:
-    """Real-shape InternVL inputs: chat text, ``views`` image spans of 256 tokens, random pixels."""
+def synthetic_inputs(config, n: int, views: int, dtype: torch.dtype) -> list[dict]:
+    """Real-shape InternVL inputs: 20 text tokens, ``views`` image spans of ``image_seq_length`` tokens
+    framed by text tokens, 160 question/answer tokens, random pixels (token values do not change the cost)."""
     g = torch.Generator().manual_seed(0)
-    image = [151665] + [config.image_token_id] * config.image_seq_length + [151666, 198]
+    vocab, image_id = config.get_text_config().vocab_size, config.image_token_id
+    size = config.vision_config.image_size[0]
+
+    def text(count: int) -> list[int]:
+        ids = torch.randint(0, vocab - 1, (count,), generator=g)
+        return torch.where(ids >= image_id, ids + 1, ids).tolist()  # never the image token
+
     items = []
     for _ in range(n):
-        ids = torch.randint(1000, 100000, (20,), generator=g).tolist() + image * views \
-            + torch.randint(1000, 100000, (160,), generator=g).tolist()
-        pixels = torch.randn(views, 3, 448, 448, generator=g).to(torch.bfloat16)
+        ids = text(20)
+        for _ in range(views):
+            ids += text(1) + [image_id] * config.image_seq_length + text(2)
+        ids += text(160)
         items.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-                      "pixel_values": pixels})
+                      "pixel_values": torch.randn(views, 3, size, size, generator=g).to(dtype)})
     return items
 
 
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
             config = real_config(args.real_shape)
             model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).to(device).eval()
-            inputs = synthetic_inputs(config, args.samples, args.views, device)
+            inputs = synthetic_inputs(config, args.samples, args.views, torch.bfloat16)
             samples, processor = None, None
         else:
             teacher, data = (args.teacher, args.data) if args.teacher else _tiny_setup(Path(tmp), args.samples)
