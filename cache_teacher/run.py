@@ -16,12 +16,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import fsspec
 import torch
 import transformers
 from tqdm import tqdm
 
 from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
-from cache_teacher.store import committed_shards, filesystem
+from cache_teacher.store import committed_shards
 from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
 from pipeline.cache_reader import open_cache
 from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
@@ -92,16 +93,15 @@ def _config_digest(model_dir) -> str:
     return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def build_manifest(config: CacheConfig, teacher_dir, data_manifest) -> CacheManifest:
+def build_manifest(config: CacheConfig, teacher_dir, teacher_processor, student_dir, data_manifest) -> CacheManifest:
     """Resolve layers, tiling and codec into the manifest this run will write (or must match)."""
     text = transformers.AutoConfig.from_pretrained(teacher_dir).get_text_config()
     student_layers = config.student_layers
-    if config.student:
-        student_dir = resolve_model(config.student)
+    if student_dir is not None:
         student_layers = transformers.AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
     plan = signal_plan(text.num_hidden_layers, config.signals, mid_start=config.mid_start, mid_end=config.mid_end,
                        student_layers=student_layers)
-    tiling = default_tiling(load_processor(teacher_dir))
+    tiling = default_tiling(teacher_processor)
     dtype = config.dtype if config.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
     return CacheManifest(
         teacher={"name": teacher_dir.name, "path": str(teacher_dir), "family": family_of(teacher_dir),
@@ -117,19 +117,19 @@ def build_manifest(config: CacheConfig, teacher_dir, data_manifest) -> CacheMani
                  "command": " ".join(sys.argv)})
 
 
-def check_layouts(config: CacheConfig, teacher_dir, manifest: CacheManifest, first_shard: str) -> None:
+def check_layouts(config: CacheConfig, teacher_processor, student_dir, manifest: CacheManifest,
+                  first_shard: str) -> None:
     """The teacher's processor lays out the first sample; the student's (if given) must agree."""
     sample = next(iter_shard(first_shard))
     tiling = TilingPolicy(**manifest.layout["tiling"])
-    teacher = build_layout(sample.record, sample.images, load_processor(teacher_dir), tiling=tiling)
+    teacher = build_layout(sample.record, sample.images, teacher_processor, tiling=tiling)
     cached = None if config.overwrite else committed_digest(config.out, sample.key)
     if cached is not None and cached != teacher.digest:
         raise ValueError(
             f"sample {sample.key}: the teacher's processor lays it out with digest {teacher.digest}, but the "
             f"committed cache shards hold {cached}. The processor, tokenizer or tiling changed since the cache "
             "was started; use a new --out (or --overwrite) instead of resuming.")
-    if config.student:
-        student_dir = resolve_model(config.student)
+    if student_dir is not None:
         student = build_layout(sample.record, sample.images, load_processor(student_dir), tiling=tiling)
         if student.digest != teacher.digest:
             raise ValueError(
@@ -141,7 +141,7 @@ def check_layouts(config: CacheConfig, teacher_dir, manifest: CacheManifest, fir
 
 def committed_digest(root: str, key: str) -> str | None:
     """Layout digest of ``key`` in the committed part of an existing cache, or None."""
-    fs, path = filesystem(root)
+    fs, path = fsspec.core.url_to_fs(root)
     if not fs.exists(posixpath.join(path, MANIFEST_NAME)) or 0 not in committed_shards(root):
         return None
     cache = open_cache(root)
@@ -150,7 +150,7 @@ def committed_digest(root: str, key: str) -> str | None:
 
 def prepare_output(config: CacheConfig, manifest: CacheManifest) -> None:
     """Write cache.json, or check an existing one matches (refuse unless --overwrite)."""
-    fs, root = filesystem(config.out)
+    fs, root = fsspec.core.url_to_fs(config.out)
     path = posixpath.join(root, MANIFEST_NAME)
     if fs.exists(path):
         existing = CacheManifest.from_json(json.loads(fs.cat_file(path)), source=path)
@@ -230,12 +230,14 @@ def run(config: CacheConfig) -> CacheManifest:
     teacher_dir = resolve_model(config.teacher)
     data_manifest = read_manifest(config.data)
     paths = shard_paths(config.data)
-    fs, _ = filesystem(config.data)
+    fs, _ = fsspec.core.url_to_fs(config.data)
     missing = [p for p in paths if not fs.exists(p)]
     if missing:
         raise FileNotFoundError(f"data shard(s) missing: {', '.join(missing)}; re-run pipeline.ingest")
-    manifest = build_manifest(config, teacher_dir, data_manifest)
-    check_layouts(config, teacher_dir, manifest, paths[0])
+    teacher_processor = load_processor(teacher_dir)
+    student_dir = resolve_model(config.student) if config.student else None
+    manifest = build_manifest(config, teacher_dir, teacher_processor, student_dir, data_manifest)
+    check_layouts(config, teacher_processor, student_dir, manifest, paths[0])
     prepare_output(config, manifest)
     done = committed_shards(config.out)
     todo = [(i, p, e.samples) for i, (p, e) in enumerate(zip(paths, data_manifest.shards)) if i not in done]

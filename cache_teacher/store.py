@@ -23,15 +23,9 @@ from schemas.cache import SIGNALS, shard_files
 FLUSH_BYTES = 512 << 20  # buffered float32 bytes before the writer appends to the Zarr arrays
 
 
-def filesystem(root: str):
-    """(fsspec filesystem, path inside it) for a local path or URL."""
-    fs, path = fsspec.core.url_to_fs(root)
-    return fs, path
-
-
 def committed_shards(root: str) -> set[int]:
     """Indices of the shards whose commit marker exists."""
-    fs, path = filesystem(root)
+    fs, path = fsspec.core.url_to_fs(root)
     pattern = posixpath.join(path, "shards", "shard-*.done")
     return {int(posixpath.basename(p)[len("shard-"):-len(".done")]) for p in fs.glob(pattern)}
 
@@ -60,7 +54,7 @@ class CacheShardWriter:
             raise ValueError(f"unknown signals {unknown}; known: {list(SIGNALS)}")
         self.root, self.index, self.codec, self.signals = root, index, codec, list(signals)
         self.flush_bytes = flush_bytes
-        self.fs, self.path = filesystem(root)
+        self.fs, self.path = fsspec.core.url_to_fs(root)
         self.files = {k: posixpath.join(self.path, v) for k, v in shard_files(index).items()}
         self.rows: list[dict] = []
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in self.signals}

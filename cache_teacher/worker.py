@@ -16,7 +16,7 @@ from pipeline.cache_codecs import codec_from_description
 from cache_teacher.store import CacheShardWriter
 from pipeline.attention_maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tv_block
 from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.layout import TilingPolicy, build_layout, collate_layouts
+from pipeline.layout import TilingPolicy, build_layout, collate_inputs
 from pipeline.models import load_model
 from pipeline.processors import load_processor
 from pipeline.shards import iter_shard
@@ -133,11 +133,8 @@ class TeacherCacher:
 
     @torch.no_grad()
     def _write_batch(self, writer: CacheShardWriter, batch: list, progress) -> None:
-        inputs = collate_layouts([layout for _, layout in batch], self.pad_id)
-        inputs.pop("labels")
-        inputs.pop("is_vision")
-        device = self.model.device
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = collate_inputs([layout.model_inputs for _, layout in batch], self.pad_id)
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         with AttentionCapture(self.model, capture_layers(self.plan)) as cap:
             self.model(**inputs)
         s_max = inputs["input_ids"].shape[1]

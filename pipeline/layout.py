@@ -193,10 +193,6 @@ def build_prompt(record: QARecord, images: list[Image.Image], processor, *,
 SEQUENCE_INPUTS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}  # name -> pad value (None: pad id)
 
 
-def _left_pad(value: torch.Tensor, length: int, fill) -> torch.Tensor:
-    return torch.nn.functional.pad(value, (length - value.shape[-1], 0), value=fill)
-
-
 def collate_inputs(inputs: list[dict], pad_token_id: int) -> dict:
     """Left-padded batch of processor outputs (as generation and batched capture expect)."""
     s_max = max(item["input_ids"].shape[-1] for item in inputs)
@@ -204,16 +200,8 @@ def collate_inputs(inputs: list[dict], pad_token_id: int) -> dict:
     for name in inputs[0]:
         if name in SEQUENCE_INPUTS:
             fill = pad_token_id if SEQUENCE_INPUTS[name] is None else SEQUENCE_INPUTS[name]
-            batch[name] = torch.cat([_left_pad(item[name], s_max, fill) for item in inputs])
+            batch[name] = torch.cat([torch.nn.functional.pad(item[name], (s_max - item[name].shape[-1], 0), value=fill)
+                                     for item in inputs])
         else:
             batch[name] = torch.cat([item[name] for item in inputs])
-    return batch
-
-
-def collate_layouts(layouts: list[Layout], pad_token_id: int) -> dict:
-    """``collate_inputs`` of the layouts plus ``labels`` (padded with -100) and ``is_vision`` [B, S_max]."""
-    batch = collate_inputs([lay.model_inputs for lay in layouts], pad_token_id)
-    s_max = batch["input_ids"].shape[-1]
-    batch["labels"] = torch.stack([_left_pad(lay.labels, s_max, IGNORE_INDEX) for lay in layouts])
-    batch["is_vision"] = torch.stack([_left_pad(lay.is_vision, s_max, False) for lay in layouts])
     return batch

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_sample
 from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.layout import build_layout, collate_layouts
+from pipeline.layout import build_layout, collate_inputs
 from pipeline.models import load_model
 from pipeline.processors import load_processor
 
@@ -16,8 +16,7 @@ def _batch(model_dir, view_counts):
     processor = load_processor(model_dir)
     layouts = [build_layout(*make_sample(n, key=f"k{i}", question="Question " * (i + 1)), processor)
                for i, n in enumerate(view_counts)]
-    batch = collate_layouts(layouts, processor.tokenizer.pad_token_id)
-    return {k: v for k, v in batch.items() if k not in ("labels", "is_vision")}
+    return collate_inputs([lay.model_inputs for lay in layouts], processor.tokenizer.pad_token_id)
 
 
 def _eager_and_captured(model_dir, inputs, layers):

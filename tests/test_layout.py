@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_sample
-from pipeline.layout import IGNORE_INDEX, TilingPolicy, build_layout, collate_layouts
+from pipeline.layout import IGNORE_INDEX, TilingPolicy, build_layout, collate_inputs
 from pipeline.processors import load_processor
 
 FAMILIES = ("internvl", "qwen2_5_vl")
@@ -82,9 +82,11 @@ def test_collate_left_pads(tiny_models, family):
     processor = load_processor(tiny_models[family, "student"])
     short = build_layout(*make_sample(1), processor)
     long = build_layout(*make_sample(6, key="k1"), processor)
-    batch = collate_layouts([short, long], processor.tokenizer.pad_token_id)
+    batch = collate_inputs([short.model_inputs, long.model_inputs], processor.tokenizer.pad_token_id)
     pad = long.seq_len - short.seq_len
     assert batch["input_ids"].shape == (2, long.seq_len)
     assert batch["attention_mask"][0, :pad].sum() == 0 and batch["attention_mask"][0, pad:].all()
     assert torch.equal(batch["input_ids"][0, pad:], short.input_ids)
-    assert torch.equal(batch["is_vision"][1], long.is_vision)
+    assert torch.equal(batch["input_ids"][1], long.input_ids)
+    n_pixels = short.model_inputs["pixel_values"].shape[0] + long.model_inputs["pixel_values"].shape[0]
+    assert batch["pixel_values"].shape[0] == n_pixels
