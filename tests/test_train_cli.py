@@ -146,6 +146,22 @@ def test_nonfinite_loss_stops_without_a_poisoned_checkpoint(setup, tmp_path):
     assert (run / "latest").read_text().strip() == "checkpoint-1" and not (run / "checkpoint-2").exists()
 
 
+def test_out_of_memory_names_the_options_still_off(setup, tmp_path, monkeypatch):
+    from train_student.step import MicroStepper
+
+    def oom(self, item):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+
+    monkeypatch.setattr(MicroStepper, "micro_step", oom)
+    message = fails(argv(setup, tmp_path / "oom", "--set", "model.freeze_vision=true"))
+    assert message.startswith("error: out of memory (CUDA out of memory. Tried to allocate 9.00 GiB)")
+    assert "--set method.bank_dtype=bf16" in message and "--set model.recompute_attention=true" in message
+    assert "freeze_vision" not in message and "gradient_checkpointing" not in message
+    assert f"--estimate-memory --student-shape {setup['student']}" in message
+    sft = fails(argv(setup, tmp_path / "oom-sft", "--sft", cache=False))
+    assert "--set model.gradient_checkpointing=true" in sft and "bank_dtype" not in sft and "recompute" not in sft
+
+
 def test_missing_samples_error_or_skip_and_count(setup, tmp_path, capsys):
     partial = tmp_path / "partial-cache"
     shutil.copytree(setup["cache"], partial)

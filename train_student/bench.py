@@ -3,11 +3,13 @@
     python -m train_student.bench                     # CPU: tiny models, generated 6-view data, a real cache
     python -m train_student.bench --synthetic         # GPU default: InternVL3-1B-shape student,
                                                       # InternVL3-8B-shape teacher, synthetic 6-view samples
+    python -m train_student.bench --estimate-memory   # no GPU needed: estimated peak GPU memory per option
 
 Modes: ``sft`` (CE only), ``drive_kd_agp`` (cached maps, AGP + reweighting: the default),
 ``drive_kd_no_agp`` (cached maps, plain weighted sum in one backward), ``online_teacher`` (the
 reference approach: teacher in the loop, eager attention everywhere, per-parameter AGP). With a GPU
-also the memory options ``drive_kd_agp_bf16_bank`` and ``drive_kd_agp_bf16_bank_frozen_vision``.
+(and in the estimate) also the memory options of ``GPU_MEMORY_OPTIONS``: bf16 gradient bank, frozen
+vision tower, recomputed captured attention, gradient checkpointing.
 
 The CPU run drives the real CLI (``python -m train_student``, one process per mode, data loading
 included; peak memory = the process's peak RSS). The synthetic run times the trainer's micro-step
@@ -35,11 +37,12 @@ from pipeline.capture import enable_capture
 from pipeline.models import build_tiny, real_config
 from train_student import config as cfg
 from train_student.data import TrainItem
+from train_student.memory import estimate_peak
 from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
 from train_student.step import LayerPlan, prepare_student
 from train_student.train import build_stepper, cosine_schedule
-from pipeline.bench_results import device_name, write_results
+from pipeline.bench_results import PeakMemory, device_name, write_results
 from pipeline.capture import captured_attention
 
 MODES = {  # name -> (CLI flags, config overrides)
@@ -53,6 +56,9 @@ GPU_MEMORY_OPTIONS = {
     "drive_kd_agp_bf16_bank_frozen_vision": {"method": {"bank_dtype": "bf16"}, "model": {"freeze_vision": True}},
     "drive_kd_agp_bf16_bank_frozen_vision_recompute": {"method": {"bank_dtype": "bf16"},
                                                        "model": {"freeze_vision": True, "recompute_attention": True}},
+    "drive_kd_agp_bf16_bank_frozen_vision_recompute_checkpointing": {
+        "method": {"bank_dtype": "bf16"},
+        "model": {"freeze_vision": True, "recompute_attention": True, "gradient_checkpointing": True}},
 }
 
 
@@ -138,29 +144,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PeakMemory:
-    """CUDA max allocated during the block, or on CPU the process RSS high-water (``poll`` samples it)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self.samples = device, 0, []
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def poll(self) -> None:
-        if self.device.type != "cuda":
-            with open("/proc/self/statm") as handle:
-                self.peak = max(self.peak, int(handle.read().split()[1]) * 4096)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-
-
 def synthetic_mode(name: str, overrides: dict, *, student_config, items, device, warmup: int, steps: int,
                    teacher_model=None) -> dict:
     config = mode_config(name, overrides)
@@ -187,7 +170,6 @@ def synthetic_mode(name: str, overrides: dict, *, student_config, items, device,
                 start = time.perf_counter()
             for j in range(accum):
                 stepper.micro_step(items[(window * accum + j) % len(items)])
-                memory.poll()
             stepper.finish_window(window + 1)
             stepper.apply(optimizer, scheduler)
         sync(device)
@@ -199,14 +181,19 @@ def synthetic_mode(name: str, overrides: dict, *, student_config, items, device,
             "optimizer_steps_timed": steps}
 
 
+def cached_modes(with_memory_options: bool) -> list[tuple[str, dict]]:
+    """(name, config overrides) of the modes without a teacher in the loop."""
+    extra = GPU_MEMORY_OPTIONS if with_memory_options else {}
+    return [*((n, o) for n, (_, o) in MODES.items() if n != "online_teacher"), *extra.items()]
+
+
 def run_synthetic(args, device: torch.device) -> dict:
     student_config, teacher_config = model_config(args.student_shape), model_config(args.teacher_shape)
     k = student_config.get_text_config().num_hidden_layers - 1
     items = synthetic_items(student_config, n=4, views=args.views, k=k)
     result = {"student": args.student_shape, "teacher": args.teacher_shape, "views": args.views,
               "seq_len": statistics.mean(it.labels.numel() for it in items), "modes": {}}
-    extra = GPU_MEMORY_OPTIONS if device.type == "cuda" else {}
-    for name, overrides in [*((n, o) for n, (_, o) in MODES.items() if n != "online_teacher"), *extra.items()]:
+    for name, overrides in cached_modes(device.type == "cuda"):
         result["modes"][name] = synthetic_mode(name, overrides, student_config=student_config, items=items,
                                                device=device, warmup=args.warmup, steps=args.steps)
         print(name, result["modes"][name], file=sys.stderr)
@@ -217,6 +204,25 @@ def run_synthetic(args, device: torch.device) -> dict:
     result["modes"]["online_teacher"] = synthetic_mode("online_teacher", MODES["online_teacher"][1],
                                                        student_config=student_config, items=items, device=device,
                                                        warmup=args.warmup, steps=args.steps, teacher_model=teacher)
+    return result
+
+
+def run_estimate(args) -> dict:
+    """Peak GPU memory of every cached mode and memory option, traced with fake tensors on the CPU
+    (``train_student.memory``): the default config (grad_accum 4) with bf16 autocast as on a GPU."""
+    student_config = model_config(args.student_shape)
+    k = student_config.get_text_config().num_hidden_layers - 1
+    items = synthetic_items(student_config, n=2, views=args.views, k=k)
+    result = {"student": args.student_shape, "views": args.views, "seq_len": items[0].labels.numel(),
+              "method": "estimate, not a measurement: fake-tensor trace of the trainer's micro-steps and optimizer "
+                        "step (train_student.memory); live tensor bytes at peak, comparable to "
+                        "torch.cuda.max_memory_allocated; excludes the CUDA context, allocator fragmentation and "
+                        "kernel workspaces", "modes": {}}
+    for name, overrides in cached_modes(True):
+        overrides = {**overrides, "model": {**overrides.get("model", {}), "precision": "bf16"}}
+        result["modes"][name] = estimate_peak(student_config, mode_config(name, overrides), items)
+        print(name, result["modes"][name], file=sys.stderr)
+    result["under_24gb"] = {name: m["peak_gb"] < 24 for name, m in result["modes"].items()}
     return result
 
 
@@ -261,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="results JSON (default benchmarks/results/train_<device>.json)")
     p.add_argument("--synthetic", action="store_true", help="in-memory real-shape models (default on a GPU)")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="no device needed: estimate the peak GPU memory of each cached mode and memory option "
+                        "at --student-shape with fake tensors (train_student.memory); writes "
+                        "benchmarks/results/train_memory-estimate_<student>.json")
     p.add_argument("--student-shape", default="InternVL3-1B", help="real-size name or model directory (synthetic)")
     p.add_argument("--teacher-shape", default="InternVL3-8B", help="real-size name or model directory (synthetic)")
     p.add_argument("--views", type=int, default=6, help="camera views per synthetic sample")
@@ -271,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": device_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "command": "python -m train_student.bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.estimate_memory:
+        result.update(run_estimate(args))
+        name = Path(args.student_shape).name
+        write_results(result, "train", args.out or f"benchmarks/results/train_memory-estimate_{name}.json")
+        return
     if args.synthetic or device.type == "cuda":
         result.update(run_synthetic(args, device))
     else:

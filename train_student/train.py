@@ -276,13 +276,33 @@ def cleanup(s: Session) -> None:
           + (f"; checkpoint {final}" if final else "; nothing new to save"), file=sys.stderr)
 
 
+def memory_advice(config: cfg.TrainConfig) -> str:
+    """What an out-of-memory run can switch on, from what its config leaves off."""
+    options = []
+    if config.terms and (config.method.agp or config.method.reweight) and config.method.bank_dtype != "bf16":
+        options.append("--set method.bank_dtype=bf16")
+    if not config.model.freeze_vision:
+        options.append("--set model.freeze_vision=true")
+    if config.terms and not config.model.recompute_attention:
+        options.append("--set model.recompute_attention=true")
+    if "r" not in config.terms and not config.model.gradient_checkpointing:  # otherwise nearly all layers are captured
+        options.append("--set model.gradient_checkpointing=true")
+    switch = f"switch on {' '.join(options)}" if options else "every memory option is already on; use a larger GPU"
+    return (f"{switch}. Estimate the peak of a setting without a GPU: python -m train_student.bench "
+            f"--estimate-memory --student-shape {config.model.student} (README: Fitting a 24 GB card). "
+            "Earlier checkpoints are intact; re-running the command resumes from the last one.")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizer use
     args = cfg.build_parser().parse_args(argv)
     try:
-        session = setup(cfg.config_from_args(args), resume=args.resume)
+        config = cfg.config_from_args(args)
+        session = setup(config, resume=args.resume)
         train(session)
         cleanup(session)
+    except torch.OutOfMemoryError as err:
+        sys.exit(f"error: out of memory ({str(err).splitlines()[0]}). To fit: {memory_advice(config)}")
     except USER_ERRORS as err:
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the worker's own message

@@ -1,0 +1,111 @@
+"""The device-free memory estimate (train_student.memory) and the trainer benchmark's in-memory paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from train_student import bench
+from train_student.memory import GB, LiveBytes, estimate_peak, item_bytes
+
+
+def test_live_bytes_counts_each_storage_once_until_freed():
+    with LiveBytes() as tracker:
+        a = torch.zeros(1000)  # 4000 bytes
+        assert tracker.live == 4000
+        view = a.view(10, 100)  # same storage
+        a.add_(1)  # in place: same storage
+        assert tracker.live == 4000
+        b = view * 2
+        assert tracker.live == 8000
+        tracker.phase = "hold"
+        with tracker.hold(500):
+            assert tracker.live == 8500
+        del b
+        assert tracker.live == 4000
+        c = torch.empty(10, dtype=torch.bfloat16)
+        assert tracker.live == 4020
+    del a, view, c
+    assert tracker.live == 0
+    assert tracker.peak == 8500 and tracker.peak_phase == "hold"
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_models):
+    config = AutoConfig.from_pretrained(tiny_models["internvl", "student"])
+    items = bench.synthetic_items(config, n=2, views=1, k=config.get_text_config().num_hidden_layers - 1,
+                                  question=12, answer=4)
+    return config, items
+
+
+def train_config(name: str, **model):
+    overrides = dict(dict(bench.cached_modes(True))[name])
+    overrides = {**overrides, "model": {**overrides.get("model", {}), "precision": "bf16", **model},
+                 "optim": {"grad_accum": 2}}
+    return bench.mode_config(name, overrides)
+
+
+@pytest.mark.parametrize("name", ["drive_kd_agp", "drive_kd_agp_bf16_bank_frozen_vision_recompute_checkpointing"])
+def test_fake_trace_equals_the_same_trace_on_real_tensors(tiny_student, name):
+    config, items = tiny_student
+    fake = estimate_peak(config, train_config(name), items)
+    real = estimate_peak(config, train_config(name), items, fake=False)
+    assert fake == real
+    assert fake["setup_gb"] < fake["after_step_gb"] < fake["peak_gb"]
+    assert fake["peak_phase"] in ("micro-step", "optimizer step")
+
+
+def test_estimate_follows_the_options(tiny_student):
+    config, items = tiny_student
+    fp32 = estimate_peak(config, train_config("drive_kd_agp"), items)
+    bf16 = estimate_peak(config, train_config("drive_kd_agp_bf16_bank"), items)
+    sft = estimate_peak(config, train_config("sft"), items)
+    params = fp32["trainable_params"]
+    rows = 1 + 3  # CE and the three distillation terms
+    assert (fp32["setup_gb"] - bf16["setup_gb"]) * GB == pytest.approx(rows * params * 2, abs=64)
+    # SFT keeps no bank: its setup is the fp32 model; its peak is below Drive-KD's
+    assert sft["setup_gb"] * GB == pytest.approx(params * 4, rel=0.01)
+    assert sft["peak_gb"] < bf16["peak_gb"] < fp32["peak_gb"]
+    frozen = estimate_peak(config, train_config("drive_kd_agp", freeze_vision=True), items)
+    assert frozen["trainable_params"] < params and frozen["peak_gb"] < fp32["peak_gb"]
+
+
+def test_item_bytes_counts_inputs_targets_and_labels(tiny_student):
+    _, items = tiny_student
+    item = items[0]
+    expected = sum(t.numel() * t.element_size() for t in (*item.inputs.values(), *item.targets.values()))
+    assert item_bytes(item) == expected + item.labels.numel() * 8
+
+
+def test_online_teacher_is_not_estimable(tiny_student):
+    config, items = tiny_student
+    with pytest.raises(ValueError, match="online-teacher"):
+        estimate_peak(config, bench.mode_config("online_teacher", {"model": {"online_teacher": "x"}}), items)
+
+
+def test_estimate_memory_command_writes_every_option(tiny_models, tmp_path, monkeypatch):
+    out = tmp_path / "estimate.json"
+    monkeypatch.setattr(bench, "cached_modes", lambda extra: [(n, bench.MODES[n][1]) for n in ("sft", "drive_kd_agp")])
+    bench.main(["--estimate-memory", "--student-shape", str(tiny_models["internvl", "student"]), "--views", "1",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"sft", "drive_kd_agp"} == set(result["under_24gb"])
+    assert "estimate, not a measurement" in result["method"]
+    assert result["modes"]["sft"]["peak_gb"] < result["modes"]["drive_kd_agp"]["peak_gb"]
+
+
+def test_synthetic_benchmark_runs_every_mode_on_cpu(tiny_models):
+    """The GPU benchmark's in-memory path (real-shape configs there) on the tiny model directories."""
+    class Args:
+        student_shape = str(tiny_models["internvl", "student"])
+        teacher_shape = str(tiny_models["internvl", "teacher"])
+        views, warmup, steps = 1, 0, 1
+
+    result = bench.run_synthetic(Args, torch.device("cpu"))
+    assert set(result["modes"]) == {"sft", "drive_kd_agp", "drive_kd_no_agp", "online_teacher"}
+    assert all(m["samples_per_s"] > 0 and m["optimizer_steps_timed"] == 1 for m in result["modes"].values())
+    bench.summarise(result, torch.device("cpu"))
+    assert set(result["targets"]) == {"cached_at_least_4x_online", "agp_at_most_2.5x_sft"}
