@@ -3,6 +3,7 @@
     python -m cache_teacher.bench                         # CPU, tiny teacher, generated 6-view samples
     python -m cache_teacher.bench --teacher models/demo-teacher --data data/shards
     python -m cache_teacher.bench --real-shape InternVL3-8B   # GPU: random weights, real shapes
+    python -m cache_teacher.bench --estimate-memory InternVL3-8B InternVL3-38B   # no GPU: estimated peaks
 
 Writes ``benchmarks/results/cache_<device>.json``. Speed and memory figures do not depend on weight
 values; storage figures do (attention sparsity), so they are reported for the teacher measured and
@@ -22,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_teacher.worker import signal_plan, slice_sample
+from cache_teacher.worker import capture_layers, signal_plan, slice_sample
 from pipeline.attention_maps import tril_to_dense
 from pipeline.cache_codecs import CODECS, get_codec, measure, synthetic_causal_attention
 from pipeline.capture import AttentionCapture, enable_capture
+from pipeline.efficiency import synthetic_inputs as efficiency_inputs
+from pipeline.memory_trace import GB, fake_trace
 from pipeline.layout import build_layout
-from pipeline.models import build_tiny, load_model, real_config
+from pipeline.models import build_tiny, load_model, real_config, shape_config
 from pipeline.processors import load_processor
 from pipeline.shards import iter_samples
 from pipeline.bench_results import PeakMemory, device_name, write_results
@@ -53,24 +56,14 @@ def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict
 
 
 def synthetic_inputs(config, n: int, views: int, dtype: torch.dtype) -> list[dict]:
-    """Real-shape InternVL inputs: 20 text tokens, ``views`` image spans of ``image_seq_length`` tokens
-    framed by text tokens, 160 question/answer tokens, random pixels (token values do not change the cost)."""
+    """Real-shape inputs of an InternVL or Qwen2.5-VL config (``pipeline.efficiency.synthetic_inputs``):
+    20 text tokens, ``views`` image spans, 160 question/answer tokens, random pixels in ``dtype``
+    (token values do not change the cost)."""
     g = torch.Generator().manual_seed(0)
-    vocab, image_id = config.get_text_config().vocab_size, config.image_token_id
-    size = config.vision_config.image_size[0]
-
-    def text(count: int) -> list[int]:
-        ids = torch.randint(0, vocab - 1, (count,), generator=g)
-        return torch.where(ids >= image_id, ids + 1, ids).tolist()  # never the image token
-
     items = []
     for _ in range(n):
-        ids = text(20)
-        for _ in range(views):
-            ids += text(1) + [image_id] * config.image_seq_length + text(2)
-        ids += text(160)
-        items.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-                      "pixel_values": torch.randn(views, 3, size, size, generator=g).to(dtype)})
+        item = efficiency_inputs(config, views=views, generator=g, text_tokens=(20, 160, 0))
+        items.append({**item, "pixel_values": item["pixel_values"].to(dtype)})
     return items
 
 
@@ -114,12 +107,46 @@ def synthetic_storage(size: int = 1800) -> dict:
     return {name: {k: measure(get_codec(name), maps)[k] for k in ("ratio", "rel_error")} for name in CODECS}
 
 
+def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake: bool = True) -> dict:
+    """Peak memory of the cache job's forward (bf16, attention captured at the default plan's layers)
+    per batch size, and of the eager ``output_attentions`` baseline at batch 1, traced on fake tensors
+    (``pipeline.memory_trace``). ``config``: a transformers config of the teacher."""
+    from transformers import AutoModelForImageTextToText
+
+    sample = synthetic_inputs(config, 1, views, torch.bfloat16)[0]
+    plan = signal_plan(config.get_text_config().num_hidden_layers, ["first_tv", "penult_tv", "mid"])
+    with fake_trace(fake) as tracker:
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).eval()
+        result = {"weights_gb": tracker.live / GB, "seq_len": int(sample["input_ids"].shape[1]),
+                  "captured_layers": len(capture_layers(plan)), "capture_peak_gb": {}}
+        enable_capture(model)
+        for size in batch_sizes:
+            tracker.reset_peak()
+            batch = {k: torch.cat([v] * size) for k, v in sample.items()}
+            with torch.no_grad(), AttentionCapture(model, capture_layers(plan)):
+                model(**batch)
+            del batch
+            result["capture_peak_gb"][str(size)] = tracker.peak / GB
+        model.set_attn_implementation({"text_config": "eager"})
+        tracker.reset_peak()
+        with torch.no_grad():
+            attentions = model(**sample, output_attentions=True).attentions
+        del attentions
+        result["eager_output_attentions_peak_gb"] = tracker.peak / GB
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cache_teacher.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", help="teacher directory (default: a tiny random teacher)")
     p.add_argument("--data", help="shards directory (default: generated 6-view samples)")
     p.add_argument("--real-shape", help="random-initialised real-size model, e.g. InternVL3-8B (GPU)")
+    p.add_argument("--estimate-memory", nargs="+", metavar="TEACHER",
+                   help="no device needed: estimated peak GPU memory of the cache forward for these real-size "
+                        "names or model directories (pipeline.memory_trace); writes "
+                        "benchmarks/results/cache_memory-estimate.json")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4], help="batch sizes of --estimate-memory")
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--out", help="results JSON (default benchmarks/results/cache_<device>.json)")
@@ -128,6 +155,17 @@ def main(argv: list[str] | None = None) -> None:
     result = {"device": device_name(), "machine": platform.node(), "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python -m cache_teacher.bench "
               + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.estimate_memory:
+        result.update({"views": args.views, "method": "estimate, not a measurement: fake-tensor trace "
+                       "(pipeline.memory_trace); live tensor bytes at peak, comparable to torch.cuda.max_memory_allocated "
+                       "on one device; excludes the CUDA context, allocator fragmentation and kernel workspaces",
+                       "teachers": {}})
+        for name in args.estimate_memory:
+            result["teachers"][name] = estimate_teacher_memory(shape_config(name), views=args.views,
+                                                               batch_sizes=args.batch_sizes)
+            print(name, result["teachers"][name], file=sys.stderr)
+        write_results(result, "cache", args.out or "benchmarks/results/cache_memory-estimate.json")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_shape:
             if device.type != "cuda":

@@ -178,8 +178,12 @@ def _random_text(count: int, allowed: torch.Tensor, generator: torch.Generator) 
     return allowed[torch.randint(len(allowed), (count,), generator=generator)].tolist()
 
 
-def synthetic_inputs(config, *, views: int, generator: torch.Generator) -> dict:
+def synthetic_inputs(config, *, views: int, generator: torch.Generator,
+                     text_tokens: tuple[int, int, int] = SYNTHETIC_TEXT_TOKENS) -> dict:
     """Batch-of-one inputs in a real prompt's layout for an InternVL or Qwen2.5-VL config, random values.
+
+    ``text_tokens``: random text tokens before the images, after them (the question) and at the end
+    (the assistant header; an answer when a sample is wanted for training or caching).
 
     InternVL: per view `<img>` + image_seq_length image tokens + `</img>\\n`; pixel_values
     [views, 3, T, T] with T the vision tower's image size. Qwen2.5-VL: per view vision_start + (T/patch)^2 /
@@ -193,7 +197,7 @@ def synthetic_inputs(config, *, views: int, generator: torch.Generator) -> dict:
     keep = torch.ones(text_config.vocab_size, dtype=torch.bool)
     keep[[token for token in reserved if token is not None]] = False
     allowed = torch.nonzero(keep).flatten()
-    before, question, header = (_random_text(n, allowed, generator) for n in SYNTHETIC_TEXT_TOKENS)
+    before, question, header = (_random_text(n, allowed, generator) for n in text_tokens)
     qwen = config.model_type == "qwen2_5_vl"
     vision = config.vision_config
     if qwen:

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from cache_teacher import bench
+from pipeline.memory_trace import GB
 from pipeline.models import load_model, real_config
 
 
@@ -26,3 +29,26 @@ def test_cpu_benchmark_writes_its_figures(tmp_path):
     for signal in ("first_tv", "penult_tv", "mid"):
         assert result["storage"][signal]["quant"]["max_rel_frobenius_error"] < 0.01
         assert result["storage"][signal]["lossless"]["ratio_vs_raw_fp16_full"] > 1
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_memory_estimate_of_the_cache_forward(tiny_models, family):
+    config = AutoConfig.from_pretrained(tiny_models[family, "teacher"])
+    fake = bench.estimate_teacher_memory(config, views=2, batch_sizes=[1, 2])
+    assert fake == bench.estimate_teacher_memory(config, views=2, batch_sizes=[1, 2], fake=False)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert fake["weights_gb"] * GB == sum(t.numel() * t.element_size() for t in tensors)
+    peaks = fake["capture_peak_gb"]
+    assert fake["weights_gb"] < peaks["1"] < peaks["2"] < fake["eager_output_attentions_peak_gb"] * 2
+    assert fake["eager_output_attentions_peak_gb"] > peaks["1"]  # every layer's probabilities vs the plan's maps
+    assert fake["captured_layers"] == config.get_text_config().num_hidden_layers - 1
+
+
+def test_estimate_memory_command(tmp_path, tiny_models):
+    out = tmp_path / "estimate.json"
+    teacher = str(tiny_models["internvl", "teacher"])
+    bench.main(["--estimate-memory", teacher, "--views", "1", "--batch-sizes", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["teachers"]) == {teacher} and "not a measurement" in result["method"]
+    assert set(result["teachers"][teacher]["capture_peak_gb"]) == {"1"}

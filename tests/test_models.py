@@ -54,6 +54,19 @@ def test_real_configs_have_published_shapes(name, layers, heads, kv):
     assert name in KNOWN_MODELS
 
 
+@pytest.mark.parametrize("name,billions", [("InternVL3-8B", 7.94), ("InternVL3-14B", 15.1), ("InternVL3-38B", 38.4),
+                                           ("InternVL3-78B", 78.4), ("Qwen2.5-VL-7B-Instruct", 8.29),
+                                           ("Qwen2.5-VL-32B-Instruct", 33.5), ("Qwen2.5-VL-72B-Instruct", 73.4)])
+def test_real_configs_have_the_published_parameter_counts(name, billions):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForImageTextToText
+
+    with FakeTensorMode():  # shapes only: a 78B model builds in a second
+        model = AutoModelForImageTextToText.from_config(real_config(name))
+        count = sum(p.numel() for p in model.parameters())
+    assert count / 1e9 == pytest.approx(billions, rel=0.01)
+
+
 def test_tiny_cli(tmp_path):
     out = tmp_path / "m"
     subprocess.run([sys.executable, "-m", "pipeline.models", "tiny", "--family", "qwen2_5_vl", "--role", "student",

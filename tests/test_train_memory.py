@@ -9,7 +9,8 @@ import torch
 from transformers import AutoConfig
 
 from train_student import bench
-from train_student.memory import GB, LiveBytes, estimate_peak, item_bytes
+from pipeline.memory_trace import GB, LiveBytes
+from train_student.memory import estimate_peak, item_bytes
 
 
 def test_live_bytes_counts_each_storage_once_until_freed():

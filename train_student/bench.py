@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 from pipeline.capture import enable_capture
-from pipeline.models import build_tiny, real_config
+from pipeline.efficiency import synthetic_inputs
+from pipeline.models import build_tiny, shape_config
 from train_student import config as cfg
 from train_student.data import TrainItem
 from train_student.memory import estimate_peak
@@ -94,37 +95,22 @@ def cli_mode(name: str, paths: dict, root: Path, *, warmup: int, steps: int) -> 
 
 
 # ---------------------------------------------------------------- synthetic: real shapes in memory
-def model_config(shape: str):
-    """A real-size config by name (``real_config``) or the config of a model directory."""
-    return AutoConfig.from_pretrained(shape) if Path(shape).is_dir() else real_config(shape)
-
-
 def synthetic_items(config, *, n: int, views: int, k: int, question: int = 180, answer: int = 40) -> list[TrainItem]:
-    """InternVL-layout samples: text, ``views`` image spans, question, answer; cached targets with
-    the stored shapes (tv blocks [n_text, n_vision], mid [k, S*(S+1)/2])."""
+    """Samples in a real prompt's layout (``pipeline.efficiency.synthetic_inputs``: InternVL or Qwen2.5-VL):
+    text, ``views`` image spans, question, answer; cached targets with the stored shapes (tv blocks
+    [n_text, n_vision], mid [k, S*(S+1)/2])."""
     g = torch.Generator().manual_seed(0)
-    vocab, image = config.get_text_config().vocab_size, config.image_token_id
-    size = config.vision_config.image_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-
-    def text(length: int) -> list[int]:
-        ids = torch.randint(min(1000, vocab // 4), min(100000, vocab), (length,), generator=g)
-        return torch.where(ids == image, ids + 1, ids).tolist()
-
     items = []
     for i in range(n):
-        ids = text(20) + sum(([image] * config.image_seq_length + text(2) for _ in range(views)), []) \
-            + text(question) + text(answer)
-        input_ids = torch.tensor(ids)
-        is_vision = input_ids == image
-        s, n_vision = len(ids), int(is_vision.sum())
+        inputs = synthetic_inputs(config, views=views, generator=g, text_tokens=(20, question, answer))
+        input_ids = inputs["input_ids"][0]
+        is_vision = input_ids == config.image_token_id
+        s, n_vision = len(input_ids), int(is_vision.sum())
         labels = torch.full_like(input_ids, -100)
         labels[s - answer:] = input_ids[s - answer:]
         targets = {"perception": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
                    "planning": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
                    "reasoning": torch.rand(k, s * (s + 1) // 2, generator=g) * (2 / s)}
-        inputs = {"input_ids": input_ids[None], "attention_mask": torch.ones(1, s, dtype=torch.long),
-                  "pixel_values": torch.randn(views, 3, size, size, generator=g)}
         items.append(TrainItem(key=f"synthetic-{i}", index=i, capability=("perception", "reasoning", "planning")[i % 3],
                                inputs=inputs, labels=labels, is_vision=is_vision, answer_start=s - answer,
                                targets=targets))
@@ -188,7 +174,7 @@ def cached_modes(with_memory_options: bool) -> list[tuple[str, dict]]:
 
 
 def run_synthetic(args, device: torch.device) -> dict:
-    student_config, teacher_config = model_config(args.student_shape), model_config(args.teacher_shape)
+    student_config, teacher_config = shape_config(args.student_shape), shape_config(args.teacher_shape)
     k = student_config.get_text_config().num_hidden_layers - 1
     items = synthetic_items(student_config, n=4, views=args.views, k=k)
     result = {"student": args.student_shape, "teacher": args.teacher_shape, "views": args.views,
@@ -210,7 +196,7 @@ def run_synthetic(args, device: torch.device) -> dict:
 def run_estimate(args) -> dict:
     """Peak GPU memory of every cached mode and memory option, traced with fake tensors on the CPU
     (``train_student.memory``): the default config (grad_accum 4) with bf16 autocast as on a GPU."""
-    student_config = model_config(args.student_shape)
+    student_config = shape_config(args.student_shape)
     k = student_config.get_text_config().num_hidden_layers - 1
     items = synthetic_items(student_config, n=2, views=args.views, k=k)
     result = {"student": args.student_shape, "views": args.views, "seq_len": items[0].labels.numel(),

@@ -1,99 +1,26 @@
 """Peak device memory of training, estimated without the device.
 
-``estimate_peak`` builds the student from its config under a ``FakeTensorMode`` (tensors that have
-shapes, dtypes and devices but no data), then runs the trainer's own pieces on it: ``prepare_student``,
-``build_stepper``, micro-steps, the optimizer step. ``LiveBytes``, a dispatch mode, adds up the bytes
-of every live tensor storage as the operators create and free them and keeps the high-water mark.
-The sample data stays real: an operator whose tensor inputs are all real runs for real, so index
-lookups and the model's data-dependent checks behave as in training.
-
-What it counts is what ``torch.cuda.max_memory_allocated`` counts: parameters, gradients, the gradient
-bank, optimizer state, activations kept for backward, transient buffers, the current sample's tensors.
-What it cannot see: the CUDA context, the caching allocator's rounding and fragmentation, kernel
-workspaces (cuBLAS, flash attention), and the op list of CUDA autocast (CPU autocast's stands in;
-linear layers and matmuls run in bf16 under both). So it answers "which options does a 24 GB card
-need" before renting one; a measurement on the card (``python -m train_student.bench``) supersedes it.
-The online-teacher ablation syncs per parameter (data-dependent) and is not estimable this way.
+``estimate_peak`` builds the student from its config on fake tensors (``pipeline.memory_trace``: what
+is and is not counted), then runs the trainer's own pieces on it: ``prepare_student``,
+``build_stepper``, micro-steps with the current sample's tensors held as live, the optimizer step. It
+answers "which options does a 24 GB card need" before renting one; a measurement on the card
+(``python -m train_student.bench``) supersedes it. The online-teacher ablation syncs per parameter
+(data-dependent) and is not estimable this way.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForImageTextToText
 
 from pipeline.capture import enable_capture
+from pipeline.memory_trace import GB, fake_trace
 from train_student import config as cfg
 from train_student.data import TrainItem
 from train_student.step import LayerPlan, prepare_student
 from train_student.train import build_stepper, cosine_schedule
-
-GB = 2**30
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages created inside the mode that are still alive, and their peak.
-
-    A storage is counted once however many views share it, when an operator first returns it, and
-    uncounted when it is freed. ``hold`` adds bytes the trace does not create (a sample's tensors,
-    which training copies to the device). ``peak_phase`` is the ``phase`` label that was set when
-    the peak was reached. Operators whose tensor inputs are all real (no
-    ``FakeTensor``) run for real even under a ``FakeTensorMode``.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.phase = self.peak_phase = ""
-        self._alive: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
-            with unset_fake_temporarily():
-                out = func(*args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._count(leaf.untyped_storage())
-        return out
-
-    def _count(self, storage) -> None:
-        key = id(storage)
-        known = self._alive.get(key)
-        if known is not None and known() is storage:
-            return
-        nbytes = storage.nbytes()
-        self._alive[key] = weakref.ref(storage)
-        weakref.finalize(storage, self._free, key, nbytes)
-        self._add(nbytes)
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._alive.pop(key, None)
-        self.live -= nbytes
-
-    def _add(self, nbytes: int) -> None:
-        self.live += nbytes
-        if self.live > self.peak:
-            self.peak, self.peak_phase = self.live, self.phase
-
-    @contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
-        """Count ``nbytes`` as live inside the block."""
-        self._add(nbytes)
-        try:
-            yield
-        finally:
-            self.live -= nbytes
 
 
 def item_bytes(item: TrainItem) -> int:
@@ -123,8 +50,7 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
         raise ValueError("the online-teacher ablation syncs per parameter and cannot be traced; "
                          "measure it on the device with python -m train_student.bench")
     device = torch.device("cpu")
-    tracker = LiveBytes()
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext(), tracker:
+    with fake_trace(fake) as tracker:
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(student_config, attn_implementation="sdpa")
         plan = LayerPlan.for_student(student_config.get_text_config().num_hidden_layers,
