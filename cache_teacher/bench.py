@@ -28,7 +28,7 @@ from pipeline.attention_maps import tril_to_dense
 from pipeline.cache_codecs import CODECS, get_codec, measure, synthetic_causal_attention
 from pipeline.capture import AttentionCapture, enable_capture
 from pipeline.efficiency import synthetic_inputs as efficiency_inputs
-from pipeline.memory_trace import GB, fake_trace
+from pipeline.memory_trace import GB, METHOD, fake_trace
 from pipeline.layout import build_layout
 from pipeline.models import build_tiny, load_model, real_config, shape_config
 from pipeline.processors import load_processor
@@ -81,7 +81,7 @@ def storage_figures(model, processor, samples, plan, device) -> dict:
     blocks: dict[str, list[np.ndarray]] = {name: [] for name in plan}
     for sample in samples:
         lay = build_layout(sample.record, sample.images, processor)
-        with torch.no_grad(), AttentionCapture(model, sorted({l for s in plan.values() for l in s.layers})) as cap:
+        with torch.no_grad(), AttentionCapture(model, capture_layers(plan)) as cap:
             model(**{k: v.to(device) for k, v in lay.model_inputs.items()})
         sliced = slice_sample({k: v[0] for k, v in cap.maps.items()}, lay.is_vision, plan)
         for name, block in sliced.items():
@@ -114,16 +114,16 @@ def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake:
     from transformers import AutoModelForImageTextToText
 
     sample = synthetic_inputs(config, 1, views, torch.bfloat16)[0]
-    plan = signal_plan(config.get_text_config().num_hidden_layers, ["first_tv", "penult_tv", "mid"])
+    layers = capture_layers(signal_plan(config.get_text_config().num_hidden_layers, ["first_tv", "penult_tv", "mid"]))
     with fake_trace(fake) as tracker:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).eval()
         result = {"weights_gb": tracker.live / GB, "seq_len": int(sample["input_ids"].shape[1]),
-                  "captured_layers": len(capture_layers(plan)), "capture_peak_gb": {}}
+                  "captured_layers": len(layers), "capture_peak_gb": {}}
         enable_capture(model)
         for size in batch_sizes:
             tracker.reset_peak()
             batch = {k: torch.cat([v] * size) for k, v in sample.items()}
-            with torch.no_grad(), AttentionCapture(model, capture_layers(plan)):
+            with torch.no_grad(), AttentionCapture(model, layers):
                 model(**batch)
             del batch
             result["capture_peak_gb"][str(size)] = tracker.peak / GB
@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> None:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": "python -m cache_teacher.bench "
               + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.estimate_memory:
-        result.update({"views": args.views, "method": "estimate, not a measurement: fake-tensor trace "
-                       "(pipeline.memory_trace); live tensor bytes at peak, comparable to torch.cuda.max_memory_allocated "
-                       "on one device; excludes the CUDA context, allocator fragmentation and kernel workspaces",
-                       "teachers": {}})
+        result.update({"views": args.views, "method": METHOD, "teachers": {}})
         for name in args.estimate_memory:
             result["teachers"][name] = estimate_teacher_memory(shape_config(name), views=args.views,
                                                                batch_sizes=args.batch_sizes)
@@ -185,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         result["model"] = args.real_shape or str(args.teacher or "tiny internvl teacher")
         n_layers = model.config.get_text_config().num_hidden_layers
         plan = signal_plan(n_layers, ["first_tv", "penult_tv", "mid"])
-        layers = sorted({l for s in plan.values() for l in s.layers})
+        layers = capture_layers(plan)
         result["seq_len"] = statistics.mean(int(x["input_ids"].shape[1]) for x in inputs)
         model.set_attn_implementation({"text_config": "eager"})  # the baseline: every LM layer materialises
         result["eager_output_attentions"] = _time_forwards(model, inputs, device, layers, "eager")

@@ -38,6 +38,7 @@ from pipeline.efficiency import synthetic_inputs
 from pipeline.models import build_tiny, shape_config
 from train_student import config as cfg
 from train_student.data import TrainItem
+from pipeline.memory_trace import METHOD
 from train_student.memory import estimate_peak
 from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
@@ -200,10 +201,8 @@ def run_estimate(args) -> dict:
     k = student_config.get_text_config().num_hidden_layers - 1
     items = synthetic_items(student_config, n=2, views=args.views, k=k)
     result = {"student": args.student_shape, "views": args.views, "seq_len": items[0].labels.numel(),
-              "method": "estimate, not a measurement: fake-tensor trace of the trainer's micro-steps and optimizer "
-                        "step (train_student.memory); live tensor bytes at peak, comparable to "
-                        "torch.cuda.max_memory_allocated; excludes the CUDA context, allocator fragmentation and "
-                        "kernel workspaces", "modes": {}}
+              "method": f"{METHOD}; the trainer's own micro-steps and optimizer steps (train_student.memory)",
+              "modes": {}}
     for name, overrides in cached_modes(True):
         overrides = {**overrides, "model": {**overrides.get("model", {}), "precision": "bf16"}}
         result["modes"][name] = estimate_peak(student_config, mode_config(name, overrides), items)
