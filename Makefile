@@ -30,7 +30,7 @@ GPUS_PER_WORKER ?= 1
 CACHE_ARGS ?=
 TEACHER_NAME = $(notdir $(patsubst %/,%,$(TEACHER)))
 
-.PHONY: help venv test demo-data demo clean-demo cache bench-cache train plot-train bench-train clean-venv
+.PHONY: help venv test lint demo-data demo clean-demo cache bench-cache train plot-train bench-train clean-venv
 
 help: ## list the targets and their variables
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ venv: $(VENV)/.installed ## create .venv and install the project with test extra
 
 test: venv ## run the whole test suite (unit + integration on tiny models, CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv ## ruff over the whole tree (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 demo-data: venv $(DATA)/manifest.json $(EVAL_DATA)/manifest.json ## generate the driving QA sets and ingest them (DATA, EVAL_DATA)
 

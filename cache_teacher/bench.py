@@ -24,16 +24,19 @@ import numpy as np
 import torch
 
 from cache_teacher.worker import capture_layers, signal_plan, slice_sample
-from pipeline.attention_maps import tril_to_dense
-from pipeline.cache_codecs import CODECS, get_codec, measure, synthetic_causal_attention
-from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.efficiency import synthetic_inputs as efficiency_inputs
-from pipeline.memory_trace import GB, METHOD, fake_trace
-from pipeline.layout import build_layout
-from pipeline.models import build_tiny, load_model, real_config, shape_config
-from pipeline.processors import load_processor
-from pipeline.shards import iter_samples
-from pipeline.bench_results import PeakMemory, device_name, write_results
+from pipeline.attention.capture import AttentionCapture, enable_capture
+from pipeline.attention.layout import build_layout
+from pipeline.attention.maps import tril_to_dense
+from pipeline.cache.codecs import CODECS, get_codec, measure, synthetic_causal_attention
+from pipeline.data.demo import vocabulary_corpus
+from pipeline.data.shards import iter_samples
+from pipeline.evaluation.efficiency import synthetic_inputs as efficiency_inputs
+from pipeline.measure.memory_trace import GB, METHOD, fake_trace
+from pipeline.measure.results import PeakMemory, device_name, write_results
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
+from pipeline.models.shapes import real_config, shape_config
+from pipeline.models.tiny import build_tiny
 
 
 def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict:
@@ -68,12 +71,12 @@ def synthetic_inputs(config, n: int, views: int, dtype: torch.dtype) -> list[dic
 
 
 def _tiny_setup(workdir: Path, samples: int):
-    from pipeline.demo_data import generate
-    from pipeline.ingest import ingest
+    from pipeline.data.demo import generate
+    from pipeline.data.ingest import ingest
 
     generate(workdir / "demo", samples=samples, seed=7, views="6")
     ingest(workdir / "demo" / "qa.json", workdir / "demo", workdir / "shards", shard_size=samples)
-    return build_tiny("internvl", "teacher", workdir / "teacher"), workdir / "shards"
+    return build_tiny("internvl", "teacher", workdir / "teacher", corpus=vocabulary_corpus()), workdir / "shards"
 
 
 def storage_figures(model, processor, samples, plan, device) -> dict:

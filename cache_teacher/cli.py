@@ -7,7 +7,7 @@ import sys
 
 from cache_teacher.run import CacheConfig, run
 from cache_teacher.worker import CacheJobError
-from pipeline.cache_codecs import CODECS, DEFAULT_CODEC
+from pipeline.cache.codecs import CODECS, DEFAULT_CODEC
 from schemas.cache import SIGNALS
 
 EPILOG = """\
@@ -21,7 +21,7 @@ examples:
   python -m cache_teacher --teacher InternVL3-8B --data data/shards --out caches/plan-8B --signals penult_tv
 
 Re-running the same command resumes: committed shards are skipped, partial ones rewritten.
-Open the result in a notebook with `from cache_teacher import open_cache`.
+Open the result in a notebook with `from pipeline.cache.reader import open_cache`.
 """
 
 

@@ -6,7 +6,6 @@ shards still to do -> workers (Ray actors, or the driver itself with ``--workers
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import hashlib
 import json
@@ -21,14 +20,14 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from pipeline.cache_codecs import CODECS, DEFAULT_CODEC, get_codec
-from cache_teacher.store import committed_shards
 from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
-from pipeline.cache_reader import open_cache
-from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
-from pipeline.models import resolve_model
-from pipeline.processors import family_of, load_processor
-from pipeline.shards import iter_shard, read_manifest, shard_paths
+from pipeline.attention.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
+from pipeline.cache.codecs import CODECS, DEFAULT_CODEC, get_codec
+from pipeline.cache.reader import open_cache
+from pipeline.cache.writer import committed_shards
+from pipeline.data.shards import iter_shard, read_manifest, shard_paths
+from pipeline.models.load import resolve_model
+from pipeline.models.processors import family_of, load_processor
 from schemas.cache import MANIFEST_NAME, SIGNALS, CacheManifest
 
 

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache_codecs import codec_from_description
-from cache_teacher.store import CacheShardWriter
-from pipeline.attention_maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tv_block
-from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.layout import TilingPolicy, build_layout, collate_inputs
-from pipeline.models import load_model
-from pipeline.processors import load_processor
-from pipeline.shards import iter_shard
+from pipeline.attention.capture import AttentionCapture, enable_capture
+from pipeline.attention.layout import TilingPolicy, build_layout, collate_inputs
+from pipeline.attention.maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tv_block
+from pipeline.cache.codecs import codec_from_description
+from pipeline.cache.writer import CacheShardWriter
+from pipeline.data.shards import iter_shard
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
 from schemas.cache import SIGNAL_ROLES, SIGNALS, SignalSpec
 
 

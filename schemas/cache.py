@@ -83,7 +83,7 @@ class CacheManifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict, *, source: str = MANIFEST_NAME) -> "CacheManifest":
+    def from_json(cls, data: dict, *, source: str = MANIFEST_NAME) -> CacheManifest:
         if data.get("format") != CACHE_FORMAT:
             raise ValueError(f"{source}: format {data.get('format')!r} is not {CACHE_FORMAT!r}; not a teacher cache")
         if data.get("version") != CACHE_VERSION:
@@ -105,7 +105,7 @@ class CacheManifest:
         data.pop("created")
         return data
 
-    def differences(self, other: "CacheManifest") -> list[str]:
+    def differences(self, other: CacheManifest) -> list[str]:
         """Names of the settings that differ from ``other`` (dotted paths, one level deep)."""
         mine, theirs = self.settings(), other.settings()
         diffs = []

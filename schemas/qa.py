@@ -17,9 +17,10 @@ question and answer text is otherwise kept verbatim (object references such as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 QA_SCHEMA_VERSION = 1
 CAPABILITIES = ("perception", "reasoning", "planning")

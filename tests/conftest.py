@@ -13,7 +13,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.models import build_tiny
+from pipeline.data.demo import vocabulary_corpus
+from pipeline.models.tiny import build_tiny
 from schemas.qa import ImageRef, QARecord
 
 NUSCENES_VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK_RIGHT", "CAM_BACK")
@@ -23,7 +24,7 @@ NUSCENES_VIEWS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LE
 def tiny_models(tmp_path_factory):
     """{(family, role): model_dir} for internvl and qwen2_5_vl, teacher and student."""
     root = tmp_path_factory.mktemp("models")
-    return {(family, role): build_tiny(family, role, root / f"{family}-{role}")
+    return {(family, role): build_tiny(family, role, root / f"{family}-{role}", corpus=vocabulary_corpus())
             for family in ("internvl", "qwen2_5_vl") for role in ("teacher", "student")}
 
 
@@ -33,7 +34,7 @@ def make_sample(n_views: int = 1, *, key: str = "k0", capability: str = "percept
     """A normalised record with ``n_views`` drawn images (placeholders first) and the PIL images."""
     views = NUSCENES_VIEWS if n_views == 6 else ("CAM_FRONT",) * n_views
     images = []
-    for i, view in enumerate(views):
+    for i, _view in enumerate(views):
         im = Image.new("RGB", size, (90, 90, 90))
         ImageDraw.Draw(im).rectangle([10 + 10 * i, 40, 60 + 10 * i, 90], fill=(220, 30, 30))
         images.append(im)
@@ -46,8 +47,8 @@ def make_sample(n_views: int = 1, *, key: str = "k0", capability: str = "percept
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """A generated driving QA set of 8 samples ingested into 3 WebDataset shards."""
-    from pipeline.demo_data import generate
-    from pipeline.ingest import ingest
+    from pipeline.data.demo import generate
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("data")
     generate(root / "demo", samples=8, seed=3)

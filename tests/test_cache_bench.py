@@ -7,8 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from cache_teacher import bench
-from pipeline.memory_trace import GB
-from pipeline.models import load_model, real_config
+from pipeline.measure.memory_trace import GB
+from pipeline.models.load import load_model
+from pipeline.models.shapes import real_config
 
 
 def test_synthetic_real_shape_inputs_run_through_a_model(tiny_models):

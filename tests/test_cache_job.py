@@ -1,6 +1,5 @@
 """The teacher-cache job: contents, resume after SIGKILL, Ray, and bad input."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,15 +12,15 @@ import pytest
 import torch
 import zarr
 
-from cache_teacher import open_cache
 from cache_teacher.run import CacheConfig, run
 from cache_teacher.worker import CacheJobError
-from pipeline.attention_maps import dense_to_tril, group_mean, tv_block
-from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.layout import build_layout
-from pipeline.models import load_model
-from pipeline.processors import load_processor
-from pipeline.shards import iter_samples
+from pipeline.attention.capture import AttentionCapture, enable_capture
+from pipeline.attention.layout import build_layout
+from pipeline.attention.maps import dense_to_tril, group_mean, tv_block
+from pipeline.cache.reader import open_cache
+from pipeline.data.shards import iter_samples
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
 
 CLI = [sys.executable, "-m", "cache_teacher"]
 
@@ -80,7 +79,7 @@ def test_lossy_codec_and_signal_subset(tmp_path, tiny_models, tiny_shards):
     for r, a in zip(ref, approx):
         assert np.linalg.norm(r - a) / np.linalg.norm(r) < 0.01
     with pytest.raises(KeyError, match="stores no 'first_tv'"):
-        quant[key].first_tv
+        _ = quant[key].first_tv
 
 
 def test_readable_with_plain_zarr_and_pyarrow(tmp_path, tiny_models, tiny_shards):
@@ -202,7 +201,7 @@ def test_truncated_data_shard_names_the_shard(tmp_path, tiny_models, tiny_shards
 
 
 def test_disk_full_leaves_the_shard_uncommitted(tmp_path, tiny_models, tiny_shards, monkeypatch):
-    from pipeline.cache_codecs import Float16Codec
+    from pipeline.cache.codecs import Float16Codec
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import make_sample
-from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.layout import build_layout, collate_inputs
-from pipeline.models import load_model
-from pipeline.processors import load_processor
+
+from pipeline.attention.capture import AttentionCapture, enable_capture
+from pipeline.attention.layout import build_layout, collate_inputs
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
 
 FAMILIES = ("internvl", "qwen2_5_vl")
 
@@ -80,7 +80,7 @@ def _plain_attention(query, key, value, mask, scaling):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_recomputed_backward_equals_autograd(padded):
-    from pipeline.capture import captured_attention
+    from pipeline.attention.capture import captured_attention
 
     g = torch.Generator().manual_seed(0)
     b, h, s, d = 2, 3, 7, 4

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.choices import extract_choice, is_multiple_choice, parse_options
+from pipeline.evaluation.choices import extract_choice, is_multiple_choice, parse_options
 
 DRIVEBENCH_QUESTION = (
     "What is the moving status of object <c1,CAM_BACK,1088.3,497.5>? Please select the correct answer from "

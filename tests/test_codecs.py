@@ -5,9 +5,9 @@ import pytest
 import torch
 import zarr
 
-from pipeline import cache_codecs as codecs
-from pipeline.attention_maps import tril_to_dense
-from pipeline.cache_codecs import (
+from pipeline.attention.maps import tril_to_dense
+from pipeline.cache import codecs
+from pipeline.cache.codecs import (
     CODECS,
     codec_from_description,
     get_codec,

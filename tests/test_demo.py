@@ -7,8 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from pipeline.cache_reader import open_cache
-from pipeline.scoring import load_scores
+from pipeline.cache.reader import open_cache
+from pipeline.evaluation.scoring import load_scores
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,29 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import (
-    ACTION_OPTIONS, CAPABILITIES, LETTERS, STOP_REASON_OPTIONS, TARGET_LANE_OPTIONS, build_samples, generate, main,
+from pipeline.data.demo import (
+    ACTION_OPTIONS,
+    CAPABILITIES,
+    LETTERS,
+    STOP_REASON_OPTIONS,
+    TARGET_LANE_OPTIONS,
+    build_samples,
+    generate,
     vocabulary_corpus,
 )
-from pipeline.scenes import (
-    COLOURS, FRONT, LAMP_ON, LIGHT_BOX, LIGHT_STATES, SURROUND, plan_action, render, sample_scene, stop_causes,
+from pipeline.data.scenes import (
+    COLOURS,
+    FRONT,
+    LAMP_ON,
+    LIGHT_BOX,
+    LIGHT_STATES,
+    SURROUND,
+    plan_action,
+    render,
+    sample_scene,
+    stop_causes,
 )
+from pipeline.demo_data import main
 
 SAMPLES = 120
 SIZE = 112

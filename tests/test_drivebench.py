@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from pipeline.drivebench import (
+from pipeline.evaluation.drivebench import (
     DRIVEBENCH_CATEGORY_MAP,
     NUSCENES_CAMERAS,
     load_drivebench,

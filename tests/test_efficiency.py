@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.efficiency import (
-    EfficiencyConfig, measure, processor_prompts, synthetic_inputs, time_generation,
+from pipeline.evaluation.efficiency import (
+    EfficiencyConfig,
+    measure,
+    processor_prompts,
+    synthetic_inputs,
+    time_generation,
 )
-from pipeline.models import load_model, real_config
-from pipeline.processors import load_processor
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
+from pipeline.models.shapes import real_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VISION_TOKENS = 49  # pipeline.models.TINY_IMAGE_SIZE 112, patch 8, 2x2 merge

@@ -13,19 +13,25 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from conftest import localhost_server
 from PIL import Image
 
-from conftest import localhost_server
-from pipeline.choices import extract_choice, parse_options
-from pipeline.demo_data import generate
-from pipeline.drivebench import DRIVEBENCH_CATEGORY_MAP, NUSCENES_CAMERAS
-from pipeline.evaluate import NEEDS_JUDGE, NO_REFERENCE_LETTER, EvalConfig, evaluate, open_data
-from pipeline.ingest import ingest
-from pipeline.scoring import (
-    Prediction, aggregate, load_scores, read_predictions, render_markdown, score_choice, write_predictions,
+from pipeline.data.demo import generate
+from pipeline.data.ingest import ingest
+from pipeline.data.shards import iter_samples
+from pipeline.evaluation.choices import extract_choice, parse_options
+from pipeline.evaluation.drivebench import DRIVEBENCH_CATEGORY_MAP, NUSCENES_CAMERAS
+from pipeline.evaluation.evaluate import NEEDS_JUDGE, NO_REFERENCE_LETTER, EvalConfig, evaluate, open_data
+from pipeline.evaluation.scoring import (
+    Prediction,
+    aggregate,
+    load_scores,
+    read_predictions,
+    render_markdown,
+    score_choice,
+    write_predictions,
     write_scores,
 )
-from pipeline.shards import iter_samples
 from schemas.qa import CAPABILITIES
 
 REPO = Path(__file__).resolve().parents[1]

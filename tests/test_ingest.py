@@ -12,8 +12,8 @@ import pytest
 import webdataset
 from PIL import Image
 
-from pipeline.ingest import candidate_paths, ingest
-from pipeline.shards import ShardError, iter_samples, iter_shard, read_manifest, shard_paths
+from pipeline.data.ingest import candidate_paths, ingest
+from pipeline.data.shards import ShardError, iter_samples, iter_shard, read_manifest, shard_paths
 from schemas.qa import QARecord
 from schemas.shards import dataset_digest
 

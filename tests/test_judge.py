@@ -9,9 +9,9 @@ import threading
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-
 from conftest import localhost_server
-from pipeline.judge import (
+
+from pipeline.evaluation.judge import (
     DEFAULT_TEMPLATES_DIR,
     REASK_PROMPT,
     JudgeClient,

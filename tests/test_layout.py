@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import make_sample
-from pipeline.layout import IGNORE_INDEX, TilingPolicy, build_layout, collate_inputs
-from pipeline.processors import load_processor
+
+from pipeline.attention.layout import IGNORE_INDEX, TilingPolicy, build_layout, collate_inputs
+from pipeline.models.processors import load_processor
 
 FAMILIES = ("internvl", "qwen2_5_vl")
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from pipeline.attention_maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tril_to_dense, tv_block
+from pipeline.attention.maps import (
+    dense_to_tril,
+    group_layers,
+    group_mean,
+    resolve_layer_range,
+    tril_to_dense,
+    tv_block,
+)
 from train_student.losses import masked_tv_mse, reasoning_mse
 from train_student.mixing import DEFAULT_MIX, normalise_mix, term_weights
 

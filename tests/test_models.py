@@ -5,11 +5,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_sample
-from pipeline.layout import build_layout
-from pipeline.models import KNOWN_MODELS, decoder_layers, load_model, real_config, resolve_model
-from pipeline.processors import family_of, load_processor
+
+from pipeline.attention.layout import build_layout
+from pipeline.models.load import KNOWN_MODELS, decoder_layers, load_model, resolve_model
+from pipeline.models.processors import family_of, load_processor
+from pipeline.models.shapes import real_config
 
 
 @pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.report import chance_row, gradient_section
-from pipeline.scoring import Prediction, write_predictions
+from pipeline.evaluation.scoring import Prediction, write_predictions
+from pipeline.report.report import chance_row, gradient_section
 
 
 def _prediction(key, capability, n_options, multiple_choice=True):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pipeline.shards import iter_samples
+from pipeline.data.shards import iter_samples
 from train_student.metrics import read_jsonl
 from train_student.plot import plot_run
 from train_student.train import main
@@ -26,8 +26,8 @@ SAMPLES = 12
 def setup(tiny_models, tmp_path_factory):
     """Generated QA shards (4 shards of 3 samples) and a tiny InternVL teacher's cache of them."""
     from cache_teacher.run import CacheConfig, run
-    from pipeline.demo_data import generate
-    from pipeline.ingest import ingest
+    from pipeline.data.demo import generate
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("train-cli")
     generate(root / "demo", samples=SAMPLES, seed=11, views="1")

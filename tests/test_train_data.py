@@ -6,19 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.attention_maps import group_mean
-from pipeline.layout import LAYOUT_VERSION, build_layout, default_tiling
-from pipeline.processors import load_processor
-from pipeline.shards import ShardError, iter_samples
+from pipeline.attention.layout import LAYOUT_VERSION, build_layout, default_tiling
+from pipeline.attention.maps import group_mean
+from pipeline.data.shards import ShardError, iter_samples
+from pipeline.models.processors import load_processor
 from schemas.cache import CacheManifest, SignalSpec
-from train_student.data import (DataError, DataSource, SampleJoiner, ShardRef, check_cache, data_shards, epoch_shards,
-                                for_worker, make_loader, numbered_members)
+from train_student.data import (
+    DataError,
+    DataSource,
+    SampleJoiner,
+    ShardRef,
+    check_cache,
+    data_shards,
+    epoch_shards,
+    for_worker,
+    make_loader,
+    numbered_members,
+)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipeline.demo_data import generate
-    from pipeline.ingest import ingest
+    from pipeline.data.demo import generate
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("data")
     generate(root / "demo", samples=7, seed=3, views="1")

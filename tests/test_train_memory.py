@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from pipeline.measure.memory_trace import GB, LiveBytes
 from train_student import bench
-from pipeline.memory_trace import GB, LiveBytes
 from train_student.memory import estimate_peak, item_bytes
 
 

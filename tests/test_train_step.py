@@ -3,20 +3,27 @@ weighted sum, NaN stops with the key, checkpointing keeps captured maps, per-par
 
 import pytest
 import torch
-
 from conftest import make_sample
-from pipeline.attention_maps import dense_to_tril
-from pipeline.capture import enable_capture
-from pipeline.layout import build_layout
-from pipeline.models import load_model
-from pipeline.processors import load_processor
+
+from pipeline.attention.capture import enable_capture
+from pipeline.attention.layout import build_layout
+from pipeline.attention.maps import dense_to_tril
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
 from train_student.agp import GradBank, agp_reference
 from train_student.config import LossConfig
 from train_student.data import TrainItem
 from train_student.online import ParameterGrads, per_parameter_combine
 from train_student.reweight import LossReweighter
-from train_student.step import (CapturedForward, LayerPlan, MicroStepper, NonFiniteLossError, TermWeights,
-                                distill_losses, prepare_student)
+from train_student.step import (
+    CapturedForward,
+    LayerPlan,
+    MicroStepper,
+    NonFiniteLossError,
+    TermWeights,
+    distill_losses,
+    prepare_student,
+)
 
 CPU = torch.device("cpu")
 TERMS = ["p", "r", "d"]

@@ -33,19 +33,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pipeline.capture import enable_capture
-from pipeline.efficiency import synthetic_inputs
-from pipeline.models import build_tiny, shape_config
+from pipeline.attention.capture import captured_attention, enable_capture
+from pipeline.data.demo import vocabulary_corpus
+from pipeline.evaluation.efficiency import synthetic_inputs
+from pipeline.measure.memory_trace import METHOD
+from pipeline.measure.results import PeakMemory, device_name, write_results
+from pipeline.models.shapes import shape_config
+from pipeline.models.tiny import build_tiny
 from train_student import config as cfg
 from train_student.data import TrainItem
-from pipeline.memory_trace import METHOD
 from train_student.memory import estimate_peak
 from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
 from train_student.step import LayerPlan, prepare_student
 from train_student.train import build_stepper, cosine_schedule
-from pipeline.bench_results import PeakMemory, device_name, write_results
-from pipeline.capture import captured_attention
 
 MODES = {  # name -> (CLI flags, config overrides)
     "sft": (["--sft"], {"loss": {"sft": True}}),
@@ -67,13 +68,13 @@ GPU_MEMORY_OPTIONS = {
 # ---------------------------------------------------------------- CPU: the real CLI on tiny models
 def tiny_workdir(root: Path, samples: int) -> dict[str, str]:
     """Tiny InternVL student and teacher, generated 6-view QA shards and the teacher's cache."""
-    from pipeline.demo_data import generate
-    from pipeline.ingest import ingest
+    from pipeline.data.demo import generate
+    from pipeline.data.ingest import ingest
 
     generate(root / "demo", samples=samples, seed=7, views="6")
     ingest(root / "demo" / "qa.json", root / "demo", root / "shards", shard_size=max(1, samples // 2))
-    paths = {"student": str(build_tiny("internvl", "student", root / "student")),
-             "teacher": str(build_tiny("internvl", "teacher", root / "teacher")),
+    paths = {"student": str(build_tiny("internvl", "student", root / "student", corpus=vocabulary_corpus())),
+             "teacher": str(build_tiny("internvl", "teacher", root / "teacher", corpus=vocabulary_corpus())),
              "data": str(root / "shards"), "cache": str(root / "cache")}
     subprocess.run([sys.executable, "-m", "cache_teacher", "--teacher", paths["teacher"], "--data", paths["data"],
                     "--out", paths["cache"], "--workers", "0"], check=True, capture_output=True)
@@ -226,7 +227,7 @@ def captured_layer_memory(*, heads: int = 14, seq: int = 1800, dim: int = 64) ->
         saved: dict[tuple, int] = {}
 
         def pack(tensor):
-            saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel() * tensor.element_size()
+            saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel() * tensor.element_size()  # noqa: B023 (used inside the loop)
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

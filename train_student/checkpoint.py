@@ -23,6 +23,7 @@ import torch
 from schemas.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LATEST_NAME, META_NAME, STATE_NAME, LoopState
 from train_student.config import differences
 
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (missing, other version, incompatible config)."""
 

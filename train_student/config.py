@@ -380,7 +380,7 @@ def build_parser():
                "  python -m train_student --student S --data D --out runs/sft --sft",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", help="student model directory or known name (model.student)")
-    parser.add_argument("--data", help="WebDataset shard directory from pipeline.ingest (data.shards)")
+    parser.add_argument("--data", help="WebDataset shard directory from pipeline.data.ingest (data.shards)")
     parser.add_argument("--cache", action="append", default=[], metavar="[ROLE[,ROLE]=]DIR",
                         help="teacher cache for roles perception/reasoning/planning; a bare DIR serves every role")
     parser.add_argument("--out", help="run directory (run.out)")

@@ -23,11 +23,11 @@ import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.attention_maps import group_mean, resolve_layer_range
-from pipeline.cache_reader import TeacherCache, open_cache
-from pipeline.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
-from pipeline.processors import load_processor
-from pipeline.shards import Sample, ShardError, decode_sample, group_by_key, read_manifest, tar_members
+from pipeline.attention.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
+from pipeline.attention.maps import group_mean, resolve_layer_range
+from pipeline.cache.reader import TeacherCache, open_cache
+from pipeline.data.shards import Sample, ShardError, decode_sample, group_by_key, read_manifest, tar_members
+from pipeline.models.processors import load_processor
 from schemas.shards import MANIFEST_NAME
 
 ROLE_SIGNAL = {"perception": "first_tv", "reasoning": "mid", "planning": "penult_tv"}
@@ -63,7 +63,7 @@ class TrainItem:
     targets: dict = field(default_factory=dict)
     skipped: str | None = None
 
-    def pin_memory(self) -> "TrainItem":
+    def pin_memory(self) -> TrainItem:
         """Called by the DataLoader's pinning thread (page-locked host memory for async copies)."""
         return replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()},
                        targets={k: v.pin_memory() for k, v in self.targets.items()})

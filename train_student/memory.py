@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pipeline.capture import enable_capture
-from pipeline.memory_trace import GB, fake_trace
+from pipeline.attention.capture import enable_capture
+from pipeline.measure.memory_trace import GB, fake_trace
 from train_student import config as cfg
 from train_student.data import TrainItem
 from train_student.step import LayerPlan, prepare_student

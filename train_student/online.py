@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from pipeline.attention_maps import group_mean, resolve_layer_range, tv_block
-from pipeline.layout import TilingPolicy, build_layout
-from pipeline.models import decoder_layers, load_model, resolve_model
-from pipeline.processors import family_of, load_processor
-from pipeline.shards import iter_shard
+from pipeline.attention.layout import TilingPolicy, build_layout
+from pipeline.attention.maps import group_mean, resolve_layer_range, tv_block
+from pipeline.data.shards import iter_shard
+from pipeline.models.load import decoder_layers, load_model, resolve_model
+from pipeline.models.processors import family_of, load_processor
 from train_student.data import DataError, TrainItem
 from train_student.step import LayerPlan, autocast_context, student_losses
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.attention_maps import resolve_layer_range, tril_to_dense, tv_block
-from pipeline.capture import AttentionCapture
+from pipeline.attention.capture import AttentionCapture
+from pipeline.attention.maps import resolve_layer_range, tril_to_dense, tv_block
 from train_student.agp import NORM_FLOOR, GradBank, agp_step
 from train_student.data import TrainItem
 from train_student.losses import masked_tv_mse, reasoning_mse
@@ -47,7 +47,7 @@ class LayerPlan:
     mid: tuple[int, ...]
 
     @classmethod
-    def for_student(cls, num_layers: int, mid_start: int, mid_end: int) -> "LayerPlan":
+    def for_student(cls, num_layers: int, mid_start: int, mid_end: int) -> LayerPlan:
         if num_layers < 2:
             raise ValueError(f"the student has {num_layers} decoder layer(s); the planning term needs at least 2")
         return cls(num_layers, tuple(resolve_layer_range(mid_start, mid_end, num_layers)))

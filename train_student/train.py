@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from pipeline.capture import enable_capture
-from pipeline.models import load_model, resolve_model
-from pipeline.processors import family_of, load_processor
-from pipeline.shards import ShardError
+from pipeline.attention.capture import enable_capture
+from pipeline.data.shards import ShardError
+from pipeline.models.load import load_model, resolve_model
+from pipeline.models.processors import family_of, load_processor
 from schemas.checkpoint import LoopState
 from train_student import config as cfg
 from train_student.agp import GradBank
@@ -30,8 +30,15 @@ from train_student.checkpoint import CheckpointError, find_checkpoint, read_meta
 from train_student.data import DataError, DataSource, make_loader, open_source
 from train_student.metrics import JsonlLog, peak_memory_gb
 from train_student.reweight import LossReweighter
-from train_student.step import CapturedForward, LayerPlan, MicroStepper, NonFiniteLossError, TermWeights
-from train_student.step import bank_combine, prepare_student
+from train_student.step import (
+    CapturedForward,
+    LayerPlan,
+    MicroStepper,
+    NonFiniteLossError,
+    TermWeights,
+    bank_combine,
+    prepare_student,
+)
 
 USER_ERRORS = (cfg.ConfigError, DataError, ShardError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.choices import is_multiple_choice
+from pipeline.evaluation.choices import is_multiple_choice
 
 logger = logging.getLogger(__name__)
 

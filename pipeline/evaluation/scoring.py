@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from pipeline.choices import extract_choice, parse_options
+from pipeline.evaluation.choices import extract_choice, parse_options
 from schemas.qa import CAPABILITIES
 
 SCORES_FORMAT = "drive-kd/eval-scores"

@@ -9,23 +9,21 @@ number in the report is read from the files it names.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from pipeline.attention_maps import tv_block
-from pipeline.attention_plot import draw_overlays, view_heats
-from pipeline.cache_reader import open_cache
-from pipeline.capture import AttentionCapture, enable_capture
-from pipeline.curves import plot_runs, read_metrics
-from pipeline.layout import build_layout
-from pipeline.models import load_model
-from pipeline.processors import load_processor
-from pipeline.choices import parse_options
-from pipeline.scoring import AVERAGE_COLUMN, TABLE_COLUMNS, load_scores, read_predictions, render_table
-from pipeline.shards import iter_samples
+from pipeline.attention.capture import AttentionCapture, enable_capture
+from pipeline.attention.layout import build_layout
+from pipeline.attention.maps import tv_block
+from pipeline.cache.plot import draw_overlays, view_heats
+from pipeline.cache.reader import open_cache
+from pipeline.data.shards import iter_samples
+from pipeline.evaluation.choices import parse_options
+from pipeline.evaluation.scoring import AVERAGE_COLUMN, TABLE_COLUMNS, load_scores, read_predictions, render_table
+from pipeline.models.load import load_model
+from pipeline.models.processors import load_processor
+from pipeline.report.curves import plot_runs, read_metrics
 from schemas.qa import CAPABILITIES
 
 TERMS = ("p", "r", "d")
@@ -159,29 +157,3 @@ def write_report(*, out: str, evals: dict[str, str], runs: dict[str, str], cache
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m pipeline.report --out reports/demo "
-                                       "--eval teacher=reports/demo/eval-teacher --eval drive-kd=reports/demo/eval-kd "
-                                       "--run drive-kd=runs/demo-kd --cache caches/demo-teacher "
-                                       "--model teacher=models/demo-teacher --data data/shards-eval")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--eval", action="append", default=[], metavar="LABEL=DIR", help="evaluation output dir")
-    p.add_argument("--run", action="append", default=[], metavar="LABEL=DIR", help="training run dir")
-    p.add_argument("--cache", help="teacher cache directory")
-    p.add_argument("--model", action="append", default=[], metavar="LABEL=DIR", help="model for the overlays")
-    p.add_argument("--data", help="shards the overlay samples come from (held-out split)")
-    p.add_argument("--per-capability", type=int, default=2, help="overlay samples per capability")
-    p.add_argument("--title", default="")
-    args = p.parse_args(argv)
-    path = write_report(out=args.out, evals=_pairs(args.eval, "--eval"), runs=_pairs(args.run, "--run"),
-                        cache=args.cache, models=_pairs(args.model, "--model"), data=args.data,
-                        per_capability=args.per_capability, title=args.title)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from pipeline.attention_maps import tril_to_dense
-from pipeline.cache_codecs import codec_from_description
+from pipeline.attention.maps import tril_to_dense
+from pipeline.cache.codecs import codec_from_description
 from schemas.cache import INDEX_COLUMNS, MANIFEST_NAME, SIGNAL_COLUMNS, CacheManifest, shard_files
 
 
@@ -51,7 +51,7 @@ def part_name(part: int) -> str:
     return f"part-{part:04d}"
 
 
-def open_cache(root: str) -> "TeacherCache":
+def open_cache(root: str) -> TeacherCache:
     """Open the cache at ``root`` (local path or fsspec URL)."""
     return TeacherCache(str(root))
 
@@ -60,7 +60,7 @@ def open_cache(root: str) -> "TeacherCache":
 class CachedSample:
     """One sample's cached maps; arrays are read on first access."""
 
-    cache: "TeacherCache"
+    cache: TeacherCache
     row: dict
 
     @property
@@ -183,7 +183,7 @@ class TeacherCache:
         "all" averages every text row. data: the shards directory (default: the one recorded in the
         manifest) from which the camera images are read. Returns a matplotlib Figure.
         """
-        from pipeline.attention_plot import plot_tv_overlay
+        from pipeline.cache.plot import plot_tv_overlay
 
         return plot_tv_overlay(self[key], signal=signal, data=data or self.manifest.dataset["shards_dir"],
                                query=query)

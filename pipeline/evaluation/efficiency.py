@@ -36,9 +36,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -46,9 +47,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
-from pipeline.layout import IMAGE_PLACEHOLDER, build_prompt
-from pipeline.models import DTYPES, load_model, real_config, resolve_model
-from pipeline.processors import load_processor
+from pipeline.attention.layout import IMAGE_PLACEHOLDER, build_prompt
+from pipeline.models.load import DTYPES, load_model, resolve_model
+from pipeline.models.processors import load_processor
+from pipeline.models.shapes import real_config
 from schemas.qa import ImageRef, QARecord
 
 EFFICIENCY_FORMAT = "drive-kd/efficiency"

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 CAPTURE_IMPLEMENTATION = "drivekd_capture"
 
 # id(attention module) -> (capture, layer index); filled only while a capture context is open.
-_ACTIVE: dict[int, tuple["AttentionCapture", int]] = {}
+_ACTIVE: dict[int, tuple[AttentionCapture, int]] = {}
 
 
 def _probabilities(query, key, attention_mask, scaling) -> torch.Tensor:
@@ -155,7 +155,7 @@ class AttentionCapture:
     def record(self, layer: int, head_mean: torch.Tensor) -> None:
         self.maps[layer] = self.transform(layer, head_mean) if self.transform else head_mean
 
-    def __enter__(self) -> "AttentionCapture":
+    def __enter__(self) -> AttentionCapture:
         self.maps = {}
         for layer in self.layers:
             _ACTIVE[id(self.modules[layer])] = (self, layer)

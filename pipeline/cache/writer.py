@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.cache_codecs import Codec
-from pipeline.cache_reader import part_name, row_lengths_for, zarr_store
+from pipeline.cache.codecs import Codec
+from pipeline.cache.reader import part_name, row_lengths_for, zarr_store
 from schemas.cache import SIGNALS, shard_files
 
 FLUSH_BYTES = 512 << 20  # buffered float32 bytes before the writer appends to the Zarr arrays
@@ -64,7 +64,7 @@ class CacheShardWriter:
         self.totals = {s: 0 for s in self.signals}
         self.group = None
 
-    def __enter__(self) -> "CacheShardWriter":
+    def __enter__(self) -> CacheShardWriter:
         for part in ("marker", "index", "group"):  # a partial shard is rewritten from scratch, marker first
             if self.fs.exists(self.files[part]):
                 self.fs.rm(self.files[part], recursive=True)

@@ -37,7 +37,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline.attention_maps import dense_to_tril
+from pipeline.attention.maps import dense_to_tril
 
 CODEC_FORMAT_VERSION = 1
 CHUNK_BYTES = 2 << 20  # raw bytes per chunk: random access to one sample's block reads a few chunks

@@ -12,7 +12,7 @@ import textwrap
 
 import numpy as np
 
-from pipeline.shards import iter_shard, shard_paths
+from pipeline.data.shards import iter_shard, shard_paths
 
 
 def text_rows(layout: dict, query: str) -> np.ndarray:
