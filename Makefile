@@ -21,6 +21,15 @@ TRAIN_CACHES ?= $(CACHES)/$(TEACHER_NAME)
 TRAIN_ARGS ?=
 SAMPLES ?= 240
 EVAL_SAMPLES ?= 60
+# The demo teacher: trained once by `make demo-teacher` (TEACHER_SAMPLES generated scenes of seed TEACHER_SEED,
+# recipe train_student/configs/demo-teacher.yaml) and committed under DEMO_TEACHER; make demo copies it.
+DEMO_TEACHER ?= benchmarks/demo-teacher
+TEACHER_SAMPLES ?= 4000
+TEACHER_SEED ?= 100
+TEACHER_EVAL_SAMPLES ?= 300
+EVAL_ARGS ?= --max-new-tokens 32 --batch-size 16
+STUDY_OUT ?= $(ROOT)/reports/study
+STUDY_ARGS ?=
 DEMO_CONFIGS := train_student/configs
 PYTEST_ARGS ?=
 export MODEL_DIR
@@ -30,7 +39,8 @@ GPUS_PER_WORKER ?= 1
 CACHE_ARGS ?=
 TEACHER_NAME = $(notdir $(patsubst %/,%,$(TEACHER)))
 
-.PHONY: help venv test lint demo-data demo clean-demo cache bench-cache train plot-train bench-train clean-venv
+.PHONY: help venv test lint demo-data demo demo-teacher study clean-demo cache bench-cache train plot-train bench-train \
+	clean-venv
 
 help: ## list the targets and their variables
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,26 +64,55 @@ lint: venv ## ruff over the whole tree (configured in pyproject.toml)
 demo-data: venv $(DATA)/manifest.json $(EVAL_DATA)/manifest.json ## generate the driving QA sets and ingest them (DATA, EVAL_DATA)
 
 $(DATA)/manifest.json: | venv
-	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo --samples $(SAMPLES) --seed 0
+	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo --samples $(SAMPLES) --seed 0 --views 1
 	$(PY) -m pipeline.ingest --qa $(ROOT)/data/demo/qa.json --image-root $(ROOT)/data/demo --out $(DATA) --shard-size 60
 
 $(EVAL_DATA)/manifest.json: | venv
-	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo-eval --samples $(EVAL_SAMPLES) --seed 1
+	$(PY) -m pipeline.demo_data --out $(ROOT)/data/demo-eval --samples $(EVAL_SAMPLES) --seed 1 --views 1
 	$(PY) -m pipeline.ingest --qa $(ROOT)/data/demo-eval/qa.json --image-root $(ROOT)/data/demo-eval --out $(EVAL_DATA)
 
 # ---- make demo: every stage is a file target, so re-running reuses finished stages
-$(MODEL_DIR)/demo-teacher-init/config.json $(MODEL_DIR)/demo-student/config.json: | venv
-	$(PY) -m pipeline.models tiny --family internvl --role $(if $(findstring teacher,$@),teacher,student) \
-		--out $(dir $@)
+$(MODEL_DIR)/demo-student/config.json: | venv
+	$(PY) -m pipeline.models tiny --family internvl --role student --out $(dir $@)
 
-$(MODEL_DIR)/demo-teacher/config.json: $(MODEL_DIR)/demo-teacher-init/config.json $(DATA)/manifest.json
-	$(PY) -m train_student --sft --student $(MODEL_DIR)/demo-teacher-init --data $(DATA) \
-		--out $(RUNS)/demo-teacher-sft --config $(DEMO_CONFIGS)/demo-teacher.yaml
-	rm -rf $(MODEL_DIR)/demo-teacher && cp -r $(RUNS)/demo-teacher-sft/$$(cat $(RUNS)/demo-teacher-sft/latest) $(MODEL_DIR)/demo-teacher
+$(DEMO_TEACHER)/config.json:
+	@echo "no demo teacher in $(DEMO_TEACHER) (it is committed; make demo-teacher trains it again)"; exit 1
+
+$(MODEL_DIR)/demo-teacher/config.json: $(DEMO_TEACHER)/config.json | venv
+	rm -rf $(MODEL_DIR)/demo-teacher && mkdir -p $(MODEL_DIR) && cp -r $(DEMO_TEACHER) $(MODEL_DIR)/demo-teacher
+
+# ---- make demo-teacher: the teacher make demo copies (trained from scratch on a larger split, committed)
+TEACHER_WORK = $(RUNS)/demo-teacher-work
+TEACHER_TRAIN = $(PY) -m train_student --sft --student $(TEACHER_WORK)/init --data $(TEACHER_WORK)/shards \
+	--out $(TEACHER_WORK)/run --config $(DEMO_CONFIGS)/demo-teacher.yaml --set run.progress=false
+
+demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES scenes, seed TEACHER_SEED) into DEMO_TEACHER with its recipe, time and held-out scores
+	rm -rf $(TEACHER_WORK)
+	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/data --samples $(TEACHER_SAMPLES) --seed $(TEACHER_SEED) --views 1
+	$(PY) -m pipeline.ingest --qa $(TEACHER_WORK)/data/qa.json --image-root $(TEACHER_WORK)/data \
+		--out $(TEACHER_WORK)/shards --shard-size 100
+	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/eval-data --samples $(TEACHER_EVAL_SAMPLES) --seed 1 --views 1
+	$(PY) -m pipeline.ingest --qa $(TEACHER_WORK)/eval-data/qa.json --image-root $(TEACHER_WORK)/eval-data \
+		--out $(TEACHER_WORK)/eval-shards
+	$(PY) -m pipeline.models tiny --family internvl --role teacher --out $(TEACHER_WORK)/init
+	start=$$(date +%s); $(TEACHER_TRAIN); echo $$(( $$(date +%s) - start )) > $(TEACHER_WORK)/train_seconds
+	rm -rf $(DEMO_TEACHER) && mkdir -p $(DEMO_TEACHER)
+	cd $(TEACHER_WORK)/run/$$(cat $(TEACHER_WORK)/run/latest) && cp config.json generation_config.json model.safetensors \
+		processor_config.json tokenizer.json tokenizer_config.json chat_template.jinja $(abspath $(DEMO_TEACHER))/
+	cp $(TEACHER_WORK)/run/config.yaml $(DEMO_TEACHER)/train_config.yaml
+	$(PY) -m pipeline.evaluate --model $(DEMO_TEACHER) --data $(TEACHER_WORK)/eval-shards --out $(DEMO_TEACHER)/eval \
+		--name demo-teacher $(EVAL_ARGS)
+	rm $(DEMO_TEACHER)/eval/predictions.jsonl
+	printf '%s\n' "# The demo teacher (make demo-teacher)" "" "command: make demo-teacher TEACHER_SAMPLES=$(TEACHER_SAMPLES) TEACHER_SEED=$(TEACHER_SEED)" \
+		"data: $(TEACHER_SAMPLES) generated scenes (python -m pipeline.demo_data --seed $(TEACHER_SEED) --views 1)" \
+		"training: $(TEACHER_TRAIN)" "seed: see train_config.yaml (run.seed); recipe $(DEMO_CONFIGS)/demo-teacher.yaml" \
+		"training time: $$(cat $(TEACHER_WORK)/train_seconds) s on $$(nproc --all) CPUs ($$(uname -m)), OMP_NUM_THREADS=$${OMP_NUM_THREADS:-unset}" \
+		"held-out scores (seed 1, $(TEACHER_EVAL_SAMPLES) questions): eval/scores.md" > $(DEMO_TEACHER)/README.md
+	@cat $(DEMO_TEACHER)/eval/scores.md | head -5
 
 $(CACHES)/demo-teacher/COMPLETE: $(MODEL_DIR)/demo-teacher/config.json
 	$(PY) -m cache_teacher --teacher $(MODEL_DIR)/demo-teacher --data $(DATA) --out $(CACHES)/demo-teacher \
-		--workers 1 --student $(MODEL_DIR)/demo-student
+		--workers 1 --gpus-per-worker 0 --student $(MODEL_DIR)/demo-student
 	touch $@
 
 $(RUNS)/demo-sft/final/config.json: $(MODEL_DIR)/demo-student/config.json $(DATA)/manifest.json
@@ -87,8 +126,7 @@ $(RUNS)/demo-drive-kd/final/config.json: $(MODEL_DIR)/demo-student/config.json $
 	ln -sfn $$(cat $(RUNS)/demo-drive-kd/latest) $(RUNS)/demo-drive-kd/final
 
 $(REPORT)/eval-%/scores.json: $(EVAL_DATA)/manifest.json
-	$(PY) -m pipeline.evaluate --model $(EVAL_MODEL_$*) --data $(EVAL_DATA) --out $(dir $@) --name $* \
-		--max-new-tokens 48 --batch-size 8
+	$(PY) -m pipeline.evaluate --model $(EVAL_MODEL_$*) --data $(EVAL_DATA) --out $(dir $@) --name $* $(EVAL_ARGS)
 
 EVAL_MODEL_teacher = $(MODEL_DIR)/demo-teacher
 EVAL_MODEL_sft = $(RUNS)/demo-sft/final
@@ -105,13 +143,15 @@ $(REPORT)/report.md: $(REPORT)/eval-teacher/scores.json $(REPORT)/eval-sft/score
 		--model teacher=$(MODEL_DIR)/demo-teacher --model "SFT baseline=$(RUNS)/demo-sft/final" \
 		--model "Drive-KD=$(RUNS)/demo-drive-kd/final" --data $(EVAL_DATA)
 
-demo: venv $(REPORT)/report.md ## the whole pipeline on generated scenes with tiny models (CPU, minutes): data, teacher SFT, cache, SFT + Drive-KD students, evaluation, report
+demo: venv $(REPORT)/report.md ## the whole pipeline on generated scenes with tiny models (CPU, minutes): data, the committed teacher (DEMO_TEACHER), cache, SFT + Drive-KD students, evaluation, report
 	@echo "report: $(REPORT)/report.md"
 
 clean-demo: ## remove everything make demo produced
-	rm -rf $(ROOT)/data/demo $(ROOT)/data/demo-eval $(DATA) $(EVAL_DATA) $(MODEL_DIR)/demo-teacher-init \
-		$(MODEL_DIR)/demo-teacher $(MODEL_DIR)/demo-student $(CACHES)/demo-teacher $(RUNS)/demo-teacher-sft \
-		$(RUNS)/demo-sft $(RUNS)/demo-drive-kd $(REPORT)
+	rm -rf $(ROOT)/data/demo $(ROOT)/data/demo-eval $(DATA) $(EVAL_DATA) $(MODEL_DIR)/demo-teacher \
+		$(MODEL_DIR)/demo-student $(CACHES)/demo-teacher $(RUNS)/demo-sft $(RUNS)/demo-drive-kd $(REPORT) $(TEACHER_WORK)
+
+study: venv ## the Drive-KD study (teacher once, every student row per seed) -> STUDY_OUT/study.{json,md,png}; STUDY_ARGS e.g. --seeds 3 --budget full
+	$(PY) -m pipeline.study --out $(STUDY_OUT) $(STUDY_ARGS)
 
 cache: venv ## cache TEACHER's attention over DATA into CACHES/<teacher name> (Ray; WORKERS, GPUS_PER_WORKER, CACHE_ARGS)
 	$(PY) -m cache_teacher --teacher $(TEACHER) --data $(DATA) --out $(CACHES)/$(TEACHER_NAME) \
@@ -132,3 +172,8 @@ bench-train: venv ## trainer samples/s + peak memory: SFT, Drive-KD with/without
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)
+
+.PHONY: check-model
+check-model: venv ## check a checkpoint before GPU hours: make check-model MODEL=InternVL3-8B [CHECK_STUDENT=InternVL3-1B] [CHECK_ARGS="--data DIR --no-capture"]
+	@test -n "$(MODEL)" || { echo "usage: make check-model MODEL=<folder or known name> [CHECK_STUDENT=...] [CHECK_ARGS=...]"; exit 2; }
+	$(PY) -m pipeline.check_model $(MODEL) $(if $(CHECK_STUDENT),--student $(CHECK_STUDENT)) $(CHECK_ARGS)

@@ -31,8 +31,8 @@ from pipeline.cache.codecs import CODECS, get_codec, measure, synthetic_causal_a
 from pipeline.data.demo import vocabulary_corpus
 from pipeline.data.shards import iter_samples
 from pipeline.evaluation.efficiency import synthetic_inputs as efficiency_inputs
-from pipeline.measure.memory_trace import GB, METHOD, fake_trace
-from pipeline.measure.results import PeakMemory, device_name, write_results
+from pipeline.measure.memory_trace import METHOD, fake_trace
+from pipeline.measure.results import GIB, PeakMemory, device_name, write_results
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
 from pipeline.models.shapes import real_config, shape_config
@@ -55,7 +55,7 @@ def _time_forwards(model, inputs: list[dict], device, layers, mode: str) -> dict
             durations.append(time.perf_counter() - start)
     steady = durations[1:] or durations
     return {"samples_per_s": 1.0 / statistics.mean(steady), "median_s": statistics.median(steady),
-            "peak_memory_gb": mem.peak / 2**30}
+            "peak_memory_gib": mem.read_gib(), "memory_kind": mem.kind}
 
 
 def synthetic_inputs(config, n: int, views: int, dtype: torch.dtype) -> list[dict]:
@@ -120,8 +120,8 @@ def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake:
     layers = capture_layers(signal_plan(config.get_text_config().num_hidden_layers, ["first_tv", "penult_tv", "mid"]))
     with fake_trace(fake) as tracker:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).eval()
-        result = {"weights_gb": tracker.live / GB, "seq_len": int(sample["input_ids"].shape[1]),
-                  "captured_layers": len(layers), "capture_peak_gb": {}}
+        result = {"weights_gib": tracker.live / GIB, "seq_len": int(sample["input_ids"].shape[1]),
+                  "captured_layers": len(layers), "capture_peak_gib": {}}
         enable_capture(model)
         for size in batch_sizes:
             tracker.reset_peak()
@@ -129,13 +129,13 @@ def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake:
             with torch.no_grad(), AttentionCapture(model, layers):
                 model(**batch)
             del batch
-            result["capture_peak_gb"][str(size)] = tracker.peak / GB
+            result["capture_peak_gib"][str(size)] = tracker.peak / GIB
         model.set_attn_implementation({"text_config": "eager"})
         tracker.reset_peak()
         with torch.no_grad():
             attentions = model(**sample, output_attentions=True).attentions
         del attentions
-        result["eager_output_attentions_peak_gb"] = tracker.peak / GB
+        result["eager_output_attentions_peak_gib"] = tracker.peak / GIB
     return result
 
 

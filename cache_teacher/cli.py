@@ -8,7 +8,7 @@ import sys
 from cache_teacher.run import CacheConfig, run
 from cache_teacher.worker import CacheJobError
 from pipeline.cache.codecs import CODECS, DEFAULT_CODEC
-from schemas.cache import SIGNALS
+from schemas.method import SIGNALS
 
 EPILOG = """\
 examples:
@@ -20,7 +20,9 @@ examples:
   # a planning-only teacher stores just its signal
   python -m cache_teacher --teacher InternVL3-8B --data data/shards --out caches/plan-8B --signals penult_tv
 
-Re-running the same command resumes: committed shards are skipped, partial ones rewritten.
+Re-running the same command resumes: committed shards are skipped, partial ones rewritten. A committed
+shard that fails verification (`python -m cache_teacher.verify CACHE`) stops the job; add --repair to
+re-cache it.
 Open the result in a notebook with `from pipeline.cache.reader import open_cache`.
 """
 
@@ -45,13 +47,17 @@ def parse_args(argv: list[str] | None) -> CacheConfig:
                    help="lossless: float16 + zstd; quant: uniform code, <1%% relative error per map; log8: 8-bit "
                         "log-space code (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each loads the teacher once; 0 = no Ray")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per actor (>1 shards the teacher)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per Ray actor, whatever this machine has (>1 shards the teacher; 0: CPU actors)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per actor")
     p.add_argument("--ray-address", help="existing Ray cluster address ('auto'); default: start a local Ray")
     p.add_argument("--batch-size", type=int, default=1, help="samples per forward (left-padded)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="teacher dtype (auto: bf16 on GPU, fp32 on CPU); maps are always formed in float32")
+                   help="teacher dtype (auto: bf16 when the workers get GPUs, else fp32); maps are always formed "
+                        "in float32")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with different settings")
+    p.add_argument("--repair", action="store_true",
+                   help="re-cache committed shards that fail verification (every chunk is decoded to check)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow remote code for the teacher")
     args = p.parse_args(argv)
     return CacheConfig(**{k: v for k, v in vars(args).items()})

@@ -20,15 +20,17 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from cache_teacher.verify import verify_cache
 from cache_teacher.worker import CacheJobError, TeacherCacher, WorkerSettings, signal_plan
 from pipeline.attention.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
 from pipeline.cache.codecs import CODECS, DEFAULT_CODEC, get_codec
+from pipeline.cache.format import committed_shards
 from pipeline.cache.reader import open_cache
-from pipeline.cache.writer import committed_shards
 from pipeline.data.shards import iter_shard, read_manifest, shard_paths
 from pipeline.models.load import resolve_model
 from pipeline.models.processors import family_of, load_processor
-from schemas.cache import MANIFEST_NAME, SIGNALS, CacheManifest
+from schemas.cache import MANIFEST_NAME, CacheManifest, shard_files
+from schemas.method import SIGNALS
 
 
 @dataclass
@@ -56,7 +58,8 @@ class CacheConfig:
     workers: int = 1
     """Ray actors (each loads the teacher once); 0 runs in this process without Ray."""
     gpus_per_worker: float = 1.0
-    """GPUs per actor (>1 spreads a large teacher with a device map); ignored without CUDA."""
+    """GPUs per Ray actor (>1 spreads a large teacher with a device map), whatever the driver has; 0 runs
+    the actors on CPUs. With --workers 0 the driver is the worker and uses its own GPUs if any."""
     cpus_per_worker: float = 0.5
     """CPUs reserved per actor (fractional so small machines do not deadlock)."""
     ray_address: str | None = None
@@ -67,6 +70,8 @@ class CacheConfig:
     """teacher weights dtype: bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     overwrite: bool = False
     """replace an existing cache made with different settings."""
+    repair: bool = False
+    """re-cache committed shards that fail verification (deep: every chunk decoded)."""
     trust_remote_code: bool = False
     """allow remote code when loading the teacher (off by default)."""
 
@@ -76,6 +81,8 @@ class CacheConfig:
             problems.append(f"--signals {self.signals}: choose from {list(SIGNALS)}")
         if self.codec not in CODECS:
             problems.append(f"--codec {self.codec!r}: choose from {sorted(CODECS)}")
+        if self.gpus_per_worker < 0:
+            problems.append(f"--gpus-per-worker {self.gpus_per_worker} must be >= 0")
         if self.workers < 0 or self.batch_size < 1:
             problems.append(f"--workers {self.workers} must be >= 0 and --batch-size {self.batch_size} >= 1")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -101,7 +108,7 @@ def build_manifest(config: CacheConfig, teacher_dir, teacher_processor, student_
     plan = signal_plan(text.num_hidden_layers, config.signals, mid_start=config.mid_start, mid_end=config.mid_end,
                        student_layers=student_layers)
     tiling = default_tiling(teacher_processor)
-    dtype = config.dtype if config.dtype != "auto" else ("bf16" if torch.cuda.is_available() else "fp32")
+    dtype = config.dtype if config.dtype != "auto" else ("bf16" if worker_gpus(config) else "fp32")
     return CacheManifest(
         teacher={"name": teacher_dir.name, "path": str(teacher_dir), "family": family_of(teacher_dir),
                  "config_digest": _config_digest(teacher_dir), "num_layers": text.num_hidden_layers,
@@ -168,14 +175,36 @@ def prepare_output(config: CacheConfig, manifest: CacheManifest) -> None:
         raise OSError(f"cannot write the cache manifest {path}: {err}. Choose a writable --out.") from err
 
 
+def worker_gpus(config: CacheConfig) -> float:
+    """GPUs each worker is given: --gpus-per-worker for Ray actors (the driver may have none, as on a
+    cluster's head node); with --workers 0 the driver's own, if it has CUDA."""
+    if config.workers == 0:
+        return config.gpus_per_worker if torch.cuda.is_available() else 0.0
+    return config.gpus_per_worker
+
+
+def repair_or_refuse(config: CacheConfig) -> None:
+    """Committed shards that fail verification stop the job, or with --repair are uncommitted (rewritten)."""
+    fs, root = fsspec.core.url_to_fs(config.out)
+    if config.overwrite or not fs.exists(posixpath.join(root, MANIFEST_NAME)):
+        return
+    damaged = verify_cache(config.out, deep=config.repair)
+    if not damaged:
+        return
+    listing = "\n  - ".join(problem for problems in damaged.values() for problem in problems)
+    if not config.repair:
+        raise ValueError(f"committed shard(s) {sorted(damaged)} of {config.out} fail verification:\n  - {listing}\n"
+                         "Re-run the same command with --repair to re-cache them.")
+    for shard in damaged:
+        fs.rm(posixpath.join(root, shard_files(shard)["marker"]))
+    print(f"repair: re-caching damaged shard(s) {sorted(damaged)} of {config.out}", file=sys.stderr)
+
+
 def worker_settings(config: CacheConfig, teacher_dir, manifest: CacheManifest) -> WorkerSettings:
-    device_map = None
-    if torch.cuda.is_available():
-        device_map = "auto" if config.gpus_per_worker > 1 else "cuda"
     return WorkerSettings(teacher_dir=str(teacher_dir), dtype=manifest.dtype,
                           plan={k: asdict(v) for k, v in manifest.signals.items()}, codec=manifest.codec,
                           root=config.out, tiling=manifest.layout["tiling"], batch_size=config.batch_size,
-                          device_map=device_map, trust_remote_code=config.trust_remote_code)
+                          gpus=worker_gpus(config), trust_remote_code=config.trust_remote_code)
 
 
 def run_in_process(settings: WorkerSettings, todo: list, bar) -> list[dict]:
@@ -195,9 +224,13 @@ def run_with_ray(config: CacheConfig, settings: WorkerSettings, todo: list, bar)
     ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
              ignore_reinit_error=True, configure_logging=False)
     try:
+        available = ray.cluster_resources().get("GPU", 0)
+        if settings.gpus > available:
+            raise CacheJobError(f"--gpus-per-worker {settings.gpus}, but the Ray cluster has {available:g} GPU(s): no "
+                                "actor could start. Pass --gpus-per-worker 0 to cache on CPUs (fp32), or join GPU "
+                                "nodes to the cluster.")
         progress = Queue(actor_options={"num_cpus": 0})
-        gpus = config.gpus_per_worker if torch.cuda.is_available() else 0
-        actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=gpus)(TeacherCacher)
+        actor_cls = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=settings.gpus)(TeacherCacher)
         idle = [actor_cls.remote(settings) for _ in range(min(config.workers, len(todo)))]
         queue, running, results = list(todo), {}, []
         while queue or running:
@@ -236,6 +269,7 @@ def run(config: CacheConfig) -> CacheManifest:
     teacher_processor = load_processor(teacher_dir)
     student_dir = resolve_model(config.student) if config.student else None
     manifest = build_manifest(config, teacher_dir, teacher_processor, student_dir, data_manifest)
+    repair_or_refuse(config)
     check_layouts(config, teacher_processor, student_dir, manifest, paths[0])
     prepare_output(config, manifest)
     done = committed_shards(config.out)

@@ -14,13 +14,14 @@ import torch
 
 from pipeline.attention.capture import AttentionCapture, enable_capture
 from pipeline.attention.layout import TilingPolicy, build_layout, collate_inputs
-from pipeline.attention.maps import dense_to_tril, group_layers, group_mean, resolve_layer_range, tv_block
+from pipeline.attention.maps import dense_to_tril, group_layers, group_mean, tv_block
 from pipeline.cache.codecs import codec_from_description
 from pipeline.cache.writer import CacheShardWriter
-from pipeline.data.shards import iter_shard
+from pipeline.data.shards import ShardError, iter_shard
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
-from schemas.cache import SIGNAL_ROLES, SIGNALS, SignalSpec
+from schemas.cache import SignalSpec
+from schemas.method import SIGNAL_ROLE, SIGNAL_TERM, SIGNALS, LayerPlan
 
 
 class CacheJobError(RuntimeError):
@@ -29,7 +30,7 @@ class CacheJobError(RuntimeError):
 
 def signal_plan(num_layers: int, signals: list[str], *, mid_start: int = 0, mid_end: int = -2,
                 student_layers: int | None = None) -> dict[str, SignalSpec]:
-    """Teacher layers behind each requested signal (METHOD section 3).
+    """Teacher layers behind each requested signal (METHOD section 3, ``LayerPlan``).
 
     first_tv: layer 0; penult_tv: layer L-2; mid: layers ``mid_start..mid_end`` (inclusive, negative
     from the end), pre-grouped for a student of ``student_layers`` decoder layers when given.
@@ -37,23 +38,14 @@ def signal_plan(num_layers: int, signals: list[str], *, mid_start: int = 0, mid_
     unknown = sorted(set(signals) - set(SIGNALS))
     if unknown or not signals:
         raise ValueError(f"signals {signals}: choose one or more of {list(SIGNALS)}")
-    if num_layers < 2:
-        raise ValueError(f"the teacher has {num_layers} decoder layer(s); the penultimate layer needs at least 2")
+    layer_plan = LayerPlan.for_model(num_layers, mid_start, mid_end)
     plan = {}
-    for signal in SIGNALS:
-        if signal not in signals:
-            continue
-        if signal == "first_tv":
-            plan[signal] = SignalSpec(layers=[0], role=SIGNAL_ROLES[signal])
-        elif signal == "penult_tv":
-            plan[signal] = SignalSpec(layers=[num_layers - 2], role=SIGNAL_ROLES[signal])
-        else:
-            layers = resolve_layer_range(mid_start, mid_end, num_layers)
-            groups = None
-            if student_layers is not None:
-                k = len(resolve_layer_range(mid_start, mid_end, student_layers))
-                groups = group_layers(k, layers)
-            plan[signal] = SignalSpec(layers=layers, role=SIGNAL_ROLES[signal], groups=groups)
+    for signal in (s for s in SIGNALS if s in signals):
+        layers = layer_plan.term_layers(SIGNAL_TERM[signal])
+        groups = None
+        if signal == "mid" and student_layers is not None:
+            groups = group_layers(len(LayerPlan.for_model(student_layers, mid_start, mid_end).mid), layers)
+        plan[signal] = SignalSpec(layers=layers, role=SIGNAL_ROLE[signal], groups=groups)
     return plan
 
 
@@ -91,8 +83,21 @@ class WorkerSettings:
     root: str
     tiling: dict
     batch_size: int = 1
-    device_map: str | None = None
+    gpus: float = 0.0
+    """GPUs this worker was given (a Ray actor's num_gpus; 0: CPU)."""
     trust_remote_code: bool = False
+
+
+def device_map_for(gpus: float) -> str | None:
+    """The teacher's device map from what THIS process sees (queried in the worker, never the driver):
+    None (CPU) without GPUs, "cuda" for one, "auto" (layers spread over the visible devices) for several."""
+    if gpus <= 0:
+        return None
+    if not torch.cuda.is_available():
+        raise CacheJobError(f"this worker was given {gpus:g} GPU(s) but sees no CUDA device (torch "
+                            f"{torch.__version__}, CUDA build {torch.version.cuda}); check the node's driver, or "
+                            "pass --gpus-per-worker 0 to cache on CPUs")
+    return "auto" if gpus > 1 and torch.cuda.device_count() > 1 else "cuda"
 
 
 class TeacherCacher:
@@ -103,7 +108,7 @@ class TeacherCacher:
         self.plan = {name: SignalSpec(**spec) for name, spec in settings.plan.items()}
         self.codec = codec_from_description(settings.codec)
         self.tiling = TilingPolicy(**settings.tiling)
-        self.model = load_model(settings.teacher_dir, dtype=settings.dtype, device_map=settings.device_map,
+        self.model = load_model(settings.teacher_dir, dtype=settings.dtype, device_map=device_map_for(settings.gpus),
                                 trust_remote_code=settings.trust_remote_code).eval()
         enable_capture(self.model)
         self.processor = load_processor(settings.teacher_dir)
@@ -127,9 +132,11 @@ class TeacherCacher:
                     self._write_batch(writer, batch, progress)
                 return writer.commit()
         except Exception as err:
-            where = f"shard {index} ({shard_path})" + (f", sample {key}" if key else "")
-            raise CacheJobError(f"{where}: {type(err).__name__}: {err}. The cache shard stays uncommitted; "
-                                "fix the cause and re-run the same command to resume.") from err
+            # a ShardError names the sample it could not read; ``key`` is the last one read successfully
+            named = isinstance(err, ShardError) or not key
+            where = f"shard {index} ({shard_path})" + ("" if named else f", sample {key}")
+            raise CacheJobError(f"{where}: {type(err).__name__}: {str(err).rstrip('.')}. The cache shard stays "
+                                "uncommitted; fix the cause and re-run the same command to resume.") from err
 
     @torch.no_grad()
     def _write_batch(self, writer: CacheShardWriter, batch: list, progress) -> None:

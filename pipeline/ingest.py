@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from pipeline.data.ingest import ingest
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 
 def build_parser() -> argparse.ArgumentParser:

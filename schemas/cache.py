@@ -6,7 +6,12 @@ A cache directory holds::
     shards/shard-000000.zarr/       one Zarr v3 group per data shard: per signal, flat 1-D arrays
                                     ("parts", one per writer flush: <signal>/part-0000, ...)
     shards/shard-000000.parquet     index: one row per sample (key, offsets and shapes per signal, ...)
-    shards/shard-000000.done        commit marker, written last; readers ignore shards without it
+    shards/shard-000000.done        commit marker (CommitMarker), written last; readers ignore shards
+                                    without it
+
+Version 2 adds integrity: every chunk ends with a crc32c checksum (Zarr v3 codec), and the marker
+lists every array's chunk count and the sha256 of the Parquet index. Version 1 caches still read
+(without those checks).
 
 Signals (METHOD section 3): ``first_tv`` (layer 0, text-to-vision block [n_text, n_vision]),
 ``penult_tv`` (layer L-2, same block), ``mid`` (intermediate maps, each stored as the packed lower
@@ -19,11 +24,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
+from schemas.method import SIGNALS
+
 CACHE_FORMAT = "drive-kd/teacher-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "cache.json"
-SIGNALS = ("first_tv", "penult_tv", "mid")
-SIGNAL_ROLES = {"first_tv": "perception", "penult_tv": "planning", "mid": "reasoning"}
 
 # Index columns per sample; each signal adds f"{signal}_{suffix}" for these suffixes.
 INDEX_COLUMNS = ("key", "shard", "capability", "seq_len", "n_text", "n_vision", "layout_digest", "layout")
@@ -38,6 +44,41 @@ def shard_files(index: int) -> dict[str, str]:
     """Relative paths of the group, index and marker of cache shard ``index``."""
     stem = str(PurePosixPath("shards") / shard_stem(index))
     return {"group": f"{stem}.zarr", "index": f"{stem}.parquet", "marker": f"{stem}.done"}
+
+
+MARKER_GLOB = "shards/shard-*.done"
+
+
+def marker_shard(path: str) -> int:
+    """Shard index of a commit marker path (``.../shard-000012.done`` -> 12)."""
+    name = PurePosixPath(path).name
+    return int(name[len("shard-"):-len(".done")])
+
+
+@dataclass(frozen=True)
+class CommitMarker:
+    """What a committed shard must hold (DESIGN contract 7).
+
+    arrays: Zarr array path in the shard group -> stored chunk count; index_sha256: sha256 hex of
+    the Parquet index file. Both None in markers of version-1 caches.
+    """
+
+    shard: int
+    samples: int
+    parts: int
+    elements: dict
+    arrays: dict | None = None
+    index_sha256: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, *, source: str) -> CommitMarker:
+        missing = sorted({"shard", "samples", "parts", "elements"} - set(data))
+        if missing:
+            raise ValueError(f"{source}: commit marker lacks {missing}; the shard is damaged")
+        return cls(**{k: data.get(k) for k in ("shard", "samples", "parts", "elements", "arrays", "index_sha256")})
 
 
 @dataclass(frozen=True)
@@ -86,9 +127,9 @@ class CacheManifest:
     def from_json(cls, data: dict, *, source: str = MANIFEST_NAME) -> CacheManifest:
         if data.get("format") != CACHE_FORMAT:
             raise ValueError(f"{source}: format {data.get('format')!r} is not {CACHE_FORMAT!r}; not a teacher cache")
-        if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"{source}: cache format version {data.get('version')!r}; this code reads version "
-                             f"{CACHE_VERSION}. Re-create the cache with `python -m cache_teacher` of this version.")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"{source}: cache format version {data.get('version')!r}; this code reads versions "
+                             f"{list(READABLE_VERSIONS)}. Re-create the cache with `python -m cache_teacher` of this version.")
         unknown = sorted(set(data.get("signals", {})) - set(SIGNALS))
         if unknown:
             raise ValueError(f"{source}: unknown signals {unknown}; known: {list(SIGNALS)}")

@@ -2,7 +2,11 @@
 
 A checkpoint directory holds the student (``save_pretrained`` + processor), ``trainer_state.pt``
 (optimizer, scheduler, reweighting and RNG states) and ``meta.json``:
-``{"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": {resolved config}, "loop": LoopState}``.
+``{"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": {resolved config}, "loop": LoopState,
+"calibration": CALIBRATION or null}``. CALIBRATION is the ``loss.scale=balanced`` record
+``{"lambdas": {term: float}, "grad_norms": {term: float}, "ratios": {term: float}, "samples": int}`` (terms
+ce, p, r, d; JSON floats round-trip exactly, so a resume applies the very lambdas of the first run); null
+(or absent, in metas written before it existed) for ``loss.scale=reference``.
 Readers refuse another format or version.
 """
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 CHECKPOINT_FORMAT = "drive-kd/student-checkpoint"
 CHECKPOINT_VERSION = 1
 META_NAME, STATE_NAME, LATEST_NAME = "meta.json", "trainer_state.pt", "latest"
+CALIBRATION_KEYS = ("lambdas", "grad_norms", "ratios", "samples")
 LOGS = ("metrics.jsonl", "samples.jsonl")
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from schemas.method import CAPABILITIES
+
 QA_SCHEMA_VERSION = 1
-CAPABILITIES = ("perception", "reasoning", "planning")
 IMAGE_PLACEHOLDER = "<image>"
 WRAPPER_KEYS = ("data", "items", "samples", "dataset", "records")
 LABEL_FIELDS = ("question_type", "type", "capability")

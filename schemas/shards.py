@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 SHARDS_FORMAT = "drive-kd/qa-shards"
 SHARDS_VERSION = 1

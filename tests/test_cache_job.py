@@ -1,5 +1,6 @@
 """The teacher-cache job: contents, resume after SIGKILL, Ray, and bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from cache_teacher.worker import CacheJobError
 from pipeline.attention.capture import AttentionCapture, enable_capture
 from pipeline.attention.layout import build_layout
 from pipeline.attention.maps import dense_to_tril, group_mean, tv_block
+from pipeline.cache.format import index_digest
 from pipeline.cache.reader import open_cache
 from pipeline.data.shards import iter_samples
 from pipeline.models.load import load_model
@@ -30,6 +32,15 @@ def _cache(tmp_path, tiny_models, tiny_shards, name="cache", **kw):
                          out=str(tmp_path / name), workers=0, **kw)
     run(config)
     return open_cache(config.out)
+
+
+def _reseal_index(cache_dir, shard, table):
+    """Rewrite a shard's index and its marker's digest, as a cache of other content would hold."""
+    index = cache_dir / "shards" / f"shard-{shard:06d}.parquet"
+    pq.write_table(table, index)
+    marker = cache_dir / "shards" / f"shard-{shard:06d}.done"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "index_sha256": index_digest(index.read_bytes())}))
 
 
 def _teacher_maps(model_dir, sample, layers):
@@ -133,7 +144,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_models,
 def test_ray_job_equals_in_process(tmp_path, tiny_models, tiny_shards):
     reference = _cache(tmp_path, tiny_models, tiny_shards, name="reference", signals=["first_tv"])
     config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
-                         out=str(tmp_path / "ray"), workers=2, signals=["first_tv"])
+                         out=str(tmp_path / "ray"), workers=2, gpus_per_worker=0, signals=["first_tv"])
     run(config)
     ray_rows, ray_arrays = _index_and_arrays(open_cache(config.out))
     ref_rows, ref_arrays = _index_and_arrays(reference)
@@ -151,7 +162,7 @@ def test_ray_worker_error_reaches_the_driver(tmp_path, tiny_models, tiny_shards)
     shutil.copytree(tiny_shards, data)
     (data / "shard-000002.tar").write_bytes((data / "shard-000002.tar").read_bytes()[:2500])
     config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(data),
-                         out=str(tmp_path / "ray"), workers=1, signals=["first_tv"])
+                         out=str(tmp_path / "ray"), workers=1, gpus_per_worker=0, signals=["first_tv"])
     with pytest.raises(CacheJobError, match="shard 2 .*shard-000002.tar"):
         run(config)
     assert (tmp_path / "ray" / "shards" / "shard-000000.done").exists()
@@ -236,8 +247,8 @@ def test_resume_refuses_a_changed_layout(tmp_path, tiny_models, tiny_shards):
     table = pq.read_table(index)
     digests = table.column("layout_digest").to_pylist()
     digests[0] = "0" * 16
-    pq.write_table(table.set_column(table.schema.get_field_index("layout_digest"), "layout_digest",
-                                    pa.array(digests)), index)
+    _reseal_index(tmp_path / "c", 0, table.set_column(table.schema.get_field_index("layout_digest"), "layout_digest",
+                                                      pa.array(digests)))
     (tmp_path / "c" / "shards" / "shard-000002.done").unlink()
     with pytest.raises(ValueError, match="committed cache shards hold 0000000000000000"):
         _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
@@ -246,6 +257,6 @@ def test_resume_refuses_a_changed_layout(tmp_path, tiny_models, tiny_shards):
 def test_reader_refuses_an_index_without_its_columns(tmp_path, tiny_models, tiny_shards):
     _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
     index = tmp_path / "c" / "shards" / "shard-000001.parquet"
-    pq.write_table(pq.read_table(index).drop_columns(["first_tv_row_offset"]), index)
-    with pytest.raises(ValueError, match=r"shard-000001.parquet: index columns \['first_tv_row_offset'\] are missing"):
+    _reseal_index(tmp_path / "c", 1, pq.read_table(index).drop_columns(["first_tv_row_offset"]))
+    with pytest.raises(ValueError, match=r"shard 1: index columns \['first_tv_row_offset'\] are missing"):
         open_cache(tmp_path / "c").keys()

@@ -203,3 +203,20 @@ def test_quant_is_ten_times_below_raw_float16_full_map_at_s1024():
     assert result["bytes_raw_fp16_full"] == 2 * 1024 * 1024
     assert result["rel_error"] < 0.01
     assert result["ratio"] >= 10.0
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_every_chunk_is_stored_and_checksummed(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(codecs, "CHUNK_BYTES", 64)  # several chunks, one of them all zeros
+    group = zarr.open_group(tmp_path / "shard.zarr", mode="w", zarr_format=3)
+    values = np.zeros(400, np.float32)
+    values[:100] = np.random.default_rng(0).random(100).astype(np.float32) / 10
+    get_codec(name).write(group, "x", values, row_lengths=np.full(8, 50))
+    arrays = [node for _, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+    assert all(a.nchunks_initialized == a.nchunks for a in arrays)  # zero chunks too: counts are exact
+    chunk = sorted((tmp_path / "shard.zarr").glob("**/c/*"))[-1]
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:-6] + bytes(b ^ 0x5A for b in data[-6:]))
+    with pytest.raises(ValueError, match="checksum"):
+        get_codec(name).read(zarr.open_group(tmp_path / "shard.zarr", mode="r"), "x", start=0, stop=400,
+                             row_start=0, row_lengths=np.full(8, 50))

@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline.data.demo import (
     ACTION_OPTIONS,
     CAPABILITIES,
+    FAMILIES,
     LETTERS,
     STOP_REASON_OPTIONS,
     TARGET_LANE_OPTIONS,
@@ -26,12 +27,14 @@ from pipeline.data.scenes import (
     LIGHT_BOX,
     LIGHT_STATES,
     SURROUND,
+    lead_vehicle,
     plan_action,
     render,
     sample_scene,
     stop_causes,
 )
 from pipeline.demo_data import main
+from pipeline.evaluation.scoring import score_choice
 
 SAMPLES = 120
 SIZE = 112
@@ -58,12 +61,13 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _answer_text(record: dict) -> tuple[str, str]:
-    """(letter, text of the chosen option) of a record's answer."""
+    """(letter, text) of the option a record's answer names: the answer is exactly one option's text."""
     answer = record["messages"][1]["content"]
-    letter = answer[0]
     options = dict(re.findall(r"^([A-D])\. (.*)$", record["messages"][0]["content"], flags=re.M))
-    assert answer.startswith(f"{letter}. {options[letter]}"), (answer, options)
-    return letter, options[letter]
+    (letter,) = [letter for letter, text in options.items() if text == answer]
+    user, assistant = record["messages"]
+    assert score_choice(user["content"], assistant["content"], answer).reference_choice == letter
+    return letter, answer
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(runs):
@@ -113,28 +117,38 @@ def test_generate_writes_the_records_of_build_samples(runs, samples):
     assert json.loads((runs["first"] / "qa.json").read_text()) == [s.record for s in samples]
 
 
-def test_object_references_match_the_scene_and_the_pixels(runs, samples):
+def test_every_object_centre_has_the_object_colour(runs, samples):
     checked = 0
     for sample in samples:
-        objects = {obj.oid: obj for obj in sample.scene.objects}
-        text = " ".join(m["content"] for m in sample.record["messages"])
-        for oid, camera, x, y in REF.findall(text):
-            obj = objects[oid]
-            assert (obj.camera, f"{obj.x:.4f}", f"{obj.y:.4f}") == (camera, x, y)
-            image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{camera}.png")
-            assert image.getpixel((int(float(x) * SIZE), int(float(y) * SIZE))) == COLOURS[obj.colour]
+        for obj in sample.scene.objects:
+            assert REF.fullmatch(obj.ref).groups() == (obj.oid, obj.camera, f"{obj.x:.4f}", f"{obj.y:.4f}")
+            image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{obj.camera}.png")
+            assert image.getpixel((int(obj.x * SIZE), int(obj.y * SIZE))) == COLOURS[obj.colour], obj
             checked += 1
     assert checked > SAMPLES
 
 
-def test_colour_answers_match_the_drawn_object(runs, samples):
-    colour_samples = [s for s in samples if s.family == "colour"]
+def test_lead_colour_answers_match_the_drawn_vehicle(runs, samples):
+    colour_samples = [s for s in samples if s.family == "lead_colour"]
     assert colour_samples
     for sample in colour_samples:
         colour = _answer_text(sample.record)[1].lower()
-        _, camera, x, y = REF.search(sample.record["messages"][0]["content"]).groups()
-        image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{camera}.png")
-        assert image.getpixel((int(float(x) * SIZE), int(float(y) * SIZE))) == COLOURS[colour]
+        lead = lead_vehicle(sample.scene)
+        image = Image.open(runs["first"] / f"images/{sample.scene.scene_id}/{FRONT}.png")
+        assert image.getpixel((int(lead.x * SIZE), int(lead.y * SIZE))) == COLOURS[colour]
+
+
+def test_every_family_answers_from_the_scene(samples):
+    for sample in samples:
+        family = FAMILIES[sample.family]
+        answer = _answer_text(sample.record)[1]
+        assert family.capability == sample.record["question_type"]
+        assert any(_asked(family, sample.scene, target) == answer for target in family.classes), sample.family
+
+
+def _asked(family, scene, target):
+    question = family.ask(scene, random.Random(0), target)
+    return None if question is None else question.correct
 
 
 def test_planning_answers_follow_the_driving_rules(samples):

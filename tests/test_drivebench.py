@@ -1,4 +1,4 @@
-"""Reading DriveBench records (pipeline/drivebench.py)."""
+"""Reading DriveBench records, released and converted layouts (pipeline/evaluation/drivebench.py)."""
 
 import json
 import re
@@ -6,12 +6,16 @@ import re
 import pytest
 
 from pipeline.evaluation.drivebench import (
+    DRIVEBENCH_CAMERAS,
     DRIVEBENCH_CATEGORY_MAP,
     NUSCENES_CAMERAS,
+    DriveBenchOptions,
+    is_yes_no,
     load_drivebench,
     looks_like_drivebench,
+    select_items,
 )
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 ALL_CAMERAS = {camera: f"samples/{camera}/frame0.jpg" for camera in reversed(NUSCENES_CAMERAS)}
 
@@ -68,7 +72,7 @@ def test_item_fields_and_camera_order(tmp_path):
 
 def test_subset_of_cameras_and_absolute_paths_kept(tmp_path):
     paths = {"CAM_BACK": "/data/back.jpg", "CAM_FRONT": "front.jpg"}
-    (item,) = load_drivebench(_write(tmp_path, [_record(img_paths=paths, question="Describe the scene.")]))
+    (item,) = load_drivebench(_write(tmp_path, [_record(img_paths=paths, question="Describe the scene.", tag=[2])]))
     assert item.views == ["CAM_FRONT", "CAM_BACK"]
     assert item.images == ["front.jpg", "/data/back.jpg"]
     assert item.multiple_choice is False
@@ -136,3 +140,90 @@ def test_looks_like_drivebench():
     assert not looks_like_drivebench([])
     assert not looks_like_drivebench({"data": [_record()]})
     assert not looks_like_drivebench("text")
+
+
+# ---------------------------------------------------------------- the released layout
+
+RELEASED_PATHS = {camera: f"data/nuscenes/samples/{camera}/n015-2018__{camera}__1533.jpg" for camera in NUSCENES_CAMERAS}
+
+
+def _released(question_type="perception", question="What are the important objects in the current scene?",
+              answer="There is a white car to the front of the ego vehicle.", tag=2, **overrides):
+    """A record of DriveBench's released files (question_type, image_path, integer tag)."""
+    record = {"scene_token": "cc8c0bf57f984915a77078b10eb33198", "frame_token": "ca9a282c9e77460f8360f564131a8af5",
+              "question_type": question_type, "question": question, "answer": answer, "tag": tag,
+              "image_path": dict(RELEASED_PATHS)}
+    record.update(overrides)
+    return record
+
+
+def test_released_layout_tags_and_categories(tmp_path):
+    records = [
+        _released(),
+        _released("prediction", "Is <c1,CAM_FRONT,0.5,0.5> a traffic sign or a road barrier?", "No.", tag=3),
+        _released("planning", "What actions could the ego vehicle take?", "Keep going at the same speed.", tag=1),
+        _released("behavior", "Predict the behavior of the ego vehicle. Please select the correct answer from the "
+                  "following options: A. Going straight. B. Turning left.", "A", tag=0),
+    ]
+    items = load_drivebench(_write(tmp_path, records))
+    assert [(i.capability, i.source_category, i.tag, i.multiple_choice) for i in items] == [
+        ("perception", "perception", 2, False), ("reasoning", "prediction", 3, False),
+        ("planning", "planning", 1, False), ("planning", "behavior", 0, True)]
+    assert looks_like_drivebench(records)
+    assert items[0].views == list(NUSCENES_CAMERAS)
+
+
+def test_tag_zero_is_multiple_choice_even_without_lettered_options(tmp_path):
+    (item,) = load_drivebench(_write(tmp_path, [_released(question="Which lane?", answer="Left", tag=0)]))
+    assert item.multiple_choice is True
+    (item,) = load_drivebench(_write(tmp_path, [_released(question="A. x B. y which?", answer="A", tag=[2])]))
+    assert (item.tag, item.multiple_choice) == (2, False)
+
+
+def test_camera_orders(tmp_path):
+    path = _write(tmp_path, [_released()])
+    assert load_drivebench(path, options=DriveBenchOptions(camera_order="drivebench"))[0].views == list(
+        DRIVEBENCH_CAMERAS)
+    assert DRIVEBENCH_CAMERAS[:3] == ("CAM_FRONT", "CAM_FRONT_LEFT", "CAM_FRONT_RIGHT")
+
+
+def test_prediction_yes_no_left_out_by_default_and_recorded(tmp_path):
+    records = [_released("prediction", "Is it moving?", "Yes, it is moving.", tag=3),
+               _released("prediction", "Where will it go?", "No change; it keeps its lane.", tag=3),
+               _released("perception", "Is it a car?", "No.", tag=2)]
+    items = load_drivebench(_write(tmp_path, records))
+    kept, left_out = select_items(items, DriveBenchOptions())
+    assert [i.question for i in kept] == ["Is it a car?"]  # "No change" starts with "no": a yes/no reply
+    assert left_out == {"prediction yes/no (DriveBench leaves these out)": 2}
+    assert select_items(items, DriveBenchOptions(prediction_yes_no="judge")) == (items, {})
+    assert not is_yes_no(items[2])
+
+
+def test_robust_qas_names_the_mapping_option(tmp_path):
+    path = _write(tmp_path, [_released(), _released("robust_qas")])
+    with pytest.raises(ValueError, match=r"record 1: field 'question_type' is 'robust_qas'.*--map-category robust_qas="):
+        load_drivebench(path)
+    items = load_drivebench(path, options=DriveBenchOptions(extra_categories={"robust_qas": "perception"}))
+    assert items[1].capability == "perception"
+    with pytest.raises(ValueError, match="--map-category robust_qas=vision: 'vision' is not one of"):
+        DriveBenchOptions(extra_categories={"robust_qas": "vision"})
+
+
+@pytest.mark.parametrize(("tag", "message"), [(7, r"field 'tag' is 7; expected one of \[0, 1, 2, 3\]"),
+                                              ("0", r"field 'tag' is '0'"), (True, "field 'tag' is True")])
+def test_bad_tags_are_errors(tmp_path, tag, message):
+    with pytest.raises(ValueError, match=message):
+        load_drivebench(_write(tmp_path, [_released(tag=tag)]))
+
+
+def test_released_layout_field_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"record 0: field 'image_path' has unknown cameras \['LIDAR_TOP'\]"):
+        load_drivebench(_write(tmp_path, [_released(image_path={"LIDAR_TOP": "x.bin"})]))
+    with pytest.raises(ValueError, match=r"record 0: field 'question_type' must be a string"):
+        load_drivebench(_write(tmp_path, [_released(question_type=None)]))
+
+
+def test_options_recorded():
+    described = DriveBenchOptions(camera_order="drivebench").describe()
+    assert described["camera_order"] == list(DRIVEBENCH_CAMERAS)
+    assert described["prediction_yes_no"] == "skip" and described["tags"]["0"] == "multiple choice"

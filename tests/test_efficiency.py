@@ -18,6 +18,7 @@ from pipeline.evaluation.efficiency import (
     synthetic_inputs,
     time_generation,
 )
+from pipeline.measure.results import GIB
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
 from pipeline.models.shapes import real_config
@@ -36,10 +37,11 @@ def test_cli_reports_every_field_with_sane_values(tiny_models, tmp_path):
     assert "tokens/s" in result.stdout
 
     report = json.loads(out.read_text())
-    assert (report["format"], report["version"], report["real_shape"]) == ("drive-kd/efficiency", 1, False)
+    assert (report["format"], report["version"], report["real_shape"]) == ("drive-kd/efficiency", 2, False)
     assert report["device"]["kind"] == "cpu" and report["device"]["name"]
-    assert (report["dtype"], report["memory_kind"]) == ("fp32", "cpu_peak_rss_delta")
-    assert report["peak_memory_gb"] >= 0
+    assert (report["dtype"], report["memory_kind"]) == ("fp32", "cpu_rss_above_start")
+    weights = sum(f.stat().st_size for f in Path(tiny_models["internvl", "student"]).glob("*.safetensors"))
+    assert report["peak_memory_gib"] * GIB >= weights  # the fp32 weights were loaded inside the measured span
     assert report["tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0 and report["ttft_median_s"] > 0
     assert [run["new_tokens"] for run in report["per_prompt"]] == [4, 4]  # end-of-sequence is suppressed
     shapes = report["shapes"]
@@ -104,5 +106,5 @@ def test_config_reports_every_problem():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: builds a full-size InternVL3-1B")
 def test_real_shape_benchmark_on_gpu():
     report = measure(EfficiencyConfig(real_shape="InternVL3-1B", prompts=2, max_new_tokens=16, views=6))
-    assert report["memory_kind"] == "cuda_max_memory_allocated" and report["peak_memory_gb"] > 1.0
+    assert report["memory_kind"] == "cuda_max_memory_allocated" and report["peak_memory_gib"] > 1.0
     assert report["shapes"]["vision_tokens_per_prompt"] == 6 * 256 and report["tokens_per_s"] > 0

@@ -32,7 +32,7 @@ from pipeline.evaluation.scoring import (
     write_predictions,
     write_scores,
 )
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 REPO = Path(__file__).resolve().parents[1]
 MC_QUESTION = "Which way is the car <c1,CAM_FRONT,0.5,0.5> going?\nA. Straight\nB. Left\nC. Right"
@@ -209,12 +209,68 @@ def test_judge_scores_open_questions_and_a_rerun_resumes_from_its_log(tiny_model
     assert len(judge.requests) == 2  # every open answer was already in judge_log.jsonl
 
 
+def _released_record(question_type, question, answer, tag):
+    """A record of DriveBench's released layout (question_type, image_path, integer tag)."""
+    return {"scene_token": "s1", "frame_token": "f1", "question_type": question_type, "question": question,
+            "answer": answer, "tag": tag,
+            "image_path": {camera: f"samples/{camera}/frame0.jpg" for camera in NUSCENES_CAMERAS}}
+
+
+def test_drivebench_released_layout_cli_like_for_like(tiny_models, drivebench, tmp_path):
+    records = [_released_record("behavior", "Predict the ego behaviour. A. Stop. B. Go ahead.", "B", 0),
+               _released_record("prediction", "Will <c1,CAM_FRONT,0.5,0.5> cross the road?", "No.", 3),
+               _released_record("planning", "What should the ego car do next?", "Slow down.", 1)]
+    path = tmp_path / "drivebench_released.json"
+    path.write_text(json.dumps(records))
+    report = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--model", str(tiny_models["internvl", "student"]),
+         "--data", str(path), "--image-root", str(drivebench.parent / "nuscenes"), "--out", str(report),
+         "--max-new-tokens", "2", "--device", "cpu", "--camera-order", "drivebench", "--system-prompt", "drivebench"],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    predictions = read_predictions(report / "predictions.jsonl")
+    assert [(p.source_category, p.multiple_choice) for p in predictions] == [("behavior", True), ("planning", False)]
+    run = json.loads((report / "config.json").read_text())
+    assert run["data_settings"]["left_out"] == {"prediction yes/no (DriveBench leaves these out)": 1}
+    assert run["data_settings"]["camera_order"][:2] == ["CAM_FRONT", "CAM_FRONT_LEFT"]
+    assert run["system_text"].startswith("You are a smart autonomous driving assistant")
+    assert json.loads((report / "scores.json").read_text())["run"]["data_settings"] == run["data_settings"]
+
+
+def test_system_prompt_is_the_first_turn(tiny_models):
+    from conftest import make_sample
+
+    from pipeline.attention.layout import build_prompt
+    from pipeline.models.processors import load_processor
+
+    processor = load_processor(tiny_models["internvl", "student"])  # its template has no default system turn
+    record, images = make_sample(1)
+    plain = build_prompt(record, images, processor)["input_ids"][0]
+    with_system = build_prompt(record, images, processor, system="Drive safely.")["input_ids"][0]
+    text = processor.tokenizer.decode(with_system)
+    assert text.startswith("<|im_start|>system\nDrive safely.<|im_end|>")
+    assert with_system[-plain.numel():].tolist() == plain.tolist()
+
+
+def test_unknown_drivebench_category_names_the_option(tmp_path):
+    path = tmp_path / "robust.json"
+    path.write_text(json.dumps([_released_record("robust_qas", "Is the image foggy?", "Yes.", 2)]))
+    with pytest.raises(ValueError, match="--map-category robust_qas=perception"):
+        open_data(str(path))
+    data = open_data(str(path), options=EvalConfig(model="m", data="d", out="o", device="cpu",
+                                                   map_category=["robust_qas=perception"]).drivebench_options())
+    assert data.category_map["robust_qas"] == "perception" and data.total == 1
+    with pytest.raises(ValueError, match="write CATEGORY=CAPABILITY"):
+        EvalConfig(model="m", data="d", out="o", map_category=["robust_qas"])
+
+
 def test_missing_image_error_names_item_camera_and_fix(tmp_path):
     record = _drivebench_record("perception", "What is ahead?", "A car.", ["CAM_FRONT"], id="q7")
     path = tmp_path / "drivebench.json"
     path.write_text(json.dumps([record]))
     data = open_data(str(path), str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"item q7, img_paths\.CAM_FRONT.*--image-root"):
+    with pytest.raises(FileNotFoundError, match=r"item q7, camera CAM_FRONT.*--image-root"):
         next(data.items)
 
 

@@ -231,7 +231,20 @@ def test_bad_templates_are_rejected(tmp_path, text, message):
 
 
 def test_shipped_templates_load():
-    assert set(load_templates(DEFAULT_TEMPLATES_DIR)) == {"perception", "reasoning", "planning"}
+    templates = load_templates(DEFAULT_TEMPLATES_DIR)
+    assert set(templates) == {"perception", "reasoning", "planning", "behavior"}
+    assert all(text.rstrip().endswith("Total Score: N") and "0 to 100" in text for text in templates.values())
+
+
+def test_category_template_wins_over_the_capability_one(fake, tmp_path):
+    client = _client(fake.url)
+    assert "BEHAVIOR (DriveBench)" in client.render("planning", "q", "r", "p", category="Behavior")
+    assert "Capability under test: PLANNING" in client.render("planning", "q", "r", "p", category="planning")
+    assert "Capability under test: REASONING" in client.render("reasoning", "q", "r", "p", category="prediction")
+    fake.script = [(200, "1. Behaviour correctness: 50\n2. Evidence: 20\n3. Clarity: 10\nTotal Score: 80")]
+    item = JudgeItem("b1", "planning", "What is the ego doing?", "Going straight.", "Straight.", category="behavior")
+    (result,) = judge_all(client, [item], JudgeLog(tmp_path / "log.jsonl"), workers=1).values()
+    assert result.score == 80.0 and "BEHAVIOR (DriveBench)" in fake.requests[0]["body"]["messages"][-1]["content"]
 
 
 def test_config_reports_all_problems(tmp_path):

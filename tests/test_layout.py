@@ -90,3 +90,70 @@ def test_collate_left_pads(tiny_models, family):
     assert torch.equal(batch["input_ids"][1], long.input_ids)
     n_pixels = short.model_inputs["pixel_values"].shape[0] + long.model_inputs["pixel_values"].shape[0]
     assert batch["pixel_values"].shape[0] == n_pixels
+
+
+# ---------------------------------------------------------------- real checkpoints' processor defaults
+
+
+@pytest.fixture(scope="module")
+def real_default_processors():
+    """Processors with the real checkpoints' image settings and templates (InternVL3-hf: 448 px tiles,
+    crop_to_patches=True up to 12 tiles; Qwen2.5-VL-Instruct: patch 14, merge 2, 3136..12845056 pixels,
+    default system turn), on a small local tokenizer with the real special tokens."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from pipeline.models.processors import (
+        INTERNVL_CHAT_TEMPLATE,
+        PROCESSOR_CLASSES,
+        QWEN_CHAT_TEMPLATE,
+        build_tokenizer,
+    )
+
+    corpus = ["What colour is the car ahead? A. Red B. Blue <c1,CAM_FRONT,0.4678,0.6772>", "You are a helpful assistant."]
+    internvl = PROCESSOR_CLASSES["internvl"](
+        image_processor=GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True,
+                                                 min_patches=1, max_patches=12),
+        tokenizer=build_tokenizer(corpus, "internvl", vocab_size=400), image_seq_length=256,
+        chat_template=INTERNVL_CHAT_TEMPLATE)
+    qwen = PROCESSOR_CLASSES["qwen2_5_vl"](
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2,
+                                                 temporal_patch_size=2),
+        tokenizer=build_tokenizer(corpus, "qwen2_5_vl", vocab_size=400), chat_template=QWEN_CHAT_TEMPLATE)
+    return {"internvl": internvl, "qwen2_5_vl": qwen}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_views", [1, 6])
+def test_real_defaults_give_one_448_tile_of_256_tokens(real_default_processors, family, n_views):
+    processor = real_default_processors[family]
+    record, images = make_sample(n_views, size=(1600, 900))  # a nuScenes frame: 1.8K tokens / 13 tiles by default
+    lay = build_layout(record, images, processor)
+    assert lay.tiling == TilingPolicy(tile_size=448)
+    assert [end - start for start, end in lay.vision_spans] == [256] * n_views
+    assert lay.summary()["tiling"] == {"tile_size": 448, "max_tiles": 1}
+
+
+def test_real_qwen_template_default_system_turn(real_default_processors):
+    from pipeline.attention.layout import build_prompt
+    from pipeline.models.processors import QWEN_DEFAULT_SYSTEM
+
+    processor = real_default_processors["qwen2_5_vl"]
+    tokenizer = processor.tokenizer
+    record, images = make_sample(1, size=(1600, 900))
+    lay = build_layout(record, images, processor)
+    assert tokenizer.decode(lay.input_ids).startswith(f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n")
+    labelled = lay.labels != IGNORE_INDEX
+    assert tokenizer.decode(lay.labels[labelled]) == record.answer + tokenizer.eos_token
+    assert not lay.is_vision[: lay.vision_spans[0][0]].any()  # the system turn is text
+    prompt = build_prompt(record, images, processor)["input_ids"][0]
+    assert torch.equal(prompt, lay.input_ids[: prompt.numel()])
+    own = tokenizer.decode(build_prompt(record, images, processor, system="Drive.")["input_ids"][0])
+    assert own.startswith("<|im_start|>system\nDrive.<|im_end|>") and QWEN_DEFAULT_SYSTEM not in own
+
+
+def test_processor_backend_pinned_to_pil(tiny_models):
+    from pipeline.models.processors import IMAGE_BACKEND, image_backend
+
+    for family in FAMILIES:
+        assert image_backend(load_processor(tiny_models[family, "student"])) == IMAGE_BACKEND == "pil"

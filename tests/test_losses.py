@@ -1,5 +1,7 @@
 """Attention-map geometry, losses and term mixing (METHOD §3-4) against naive loops and hand-computed values."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,11 +9,12 @@ from pipeline.attention.maps import (
     dense_to_tril,
     group_layers,
     group_mean,
-    resolve_layer_range,
     tril_to_dense,
     tv_block,
 )
-from train_student.losses import masked_tv_mse, reasoning_mse
+from schemas.method import lambdas
+from train_student.config import LossConfig
+from train_student.losses import ROW_EPS, attention_losses, masked_tv_mse, reasoning_mse, row_cosine, row_kl
 from train_student.mixing import DEFAULT_MIX, normalise_mix, term_weights
 
 
@@ -44,19 +47,6 @@ def causal_maps(*lead, size, generator):
 
 
 # ---- layer ranges and groups ----------------------------------------------------------------
-
-
-def test_resolve_layer_range_defaults_and_negative():
-    assert resolve_layer_range(0, -2, 24) == list(range(23))
-    assert resolve_layer_range(-3, -1, 5) == [2, 3, 4]
-    assert resolve_layer_range(2, 2, 5) == [2]
-
-
-@pytest.mark.parametrize("start,end,num", [(0, 5, 5), (-6, 2, 5), (3, 1, 5), (0, -2, 1), (0, 0, 0)])
-def test_resolve_layer_range_errors_name_values(start, end, num):
-    with pytest.raises(ValueError) as err:
-        resolve_layer_range(start, end, num)
-    assert str(num) in str(err.value)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 9, 12])
@@ -191,6 +181,83 @@ def test_reasoning_pipeline_from_packed_teacher_maps():
     torch.testing.assert_close(reasoning_mse(student, targets), ((student - expected) ** 2).mean())
 
 
+# ---- per-row kinds: KL and cosine ---------------------------------------------------------------
+
+
+def naive_row_kl(student, teacher):
+    """Loop over rows: KL(teacher row || student row), rows renormalised, empty teacher rows left out."""
+    s, t = student.reshape(-1, student.shape[-1]).tolist(), teacher.reshape(-1, teacher.shape[-1]).tolist()
+    values = []
+    for srow, trow in zip(s, t):
+        trow = [max(v, 0.0) for v in trow]
+        if sum(trow) <= ROW_EPS:
+            continue
+        p = [v / sum(trow) for v in trow]
+        q = [v / max(sum(srow), ROW_EPS) for v in srow]
+        values.append(sum(pj * (math.log(pj + ROW_EPS) - math.log(qj + ROW_EPS)) for pj, qj in zip(p, q)))
+    return sum(values) / max(1, len(values))
+
+
+def naive_row_cosine(student, teacher):
+    s, t = student.reshape(-1, student.shape[-1]).tolist(), teacher.reshape(-1, teacher.shape[-1]).tolist()
+    values = []
+    for srow, trow in zip(s, t):
+        tn = math.sqrt(sum(v * v for v in trow))
+        if tn <= ROW_EPS:
+            continue
+        sn = max(math.sqrt(sum(v * v for v in srow)), ROW_EPS)
+        values.append(1.0 - sum(a * b for a, b in zip(srow, trow)) / (sn * tn))
+    return sum(values) / max(1, len(values))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("loss,naive", [(row_kl, naive_row_kl), (row_cosine, naive_row_cosine)])
+def test_row_losses_match_loops_on_blocks_and_causal_maps(seed, loss, naive):
+    gen = torch.Generator().manual_seed(seed)
+    size = 8
+    is_vision = torch.rand(size, generator=gen) < 0.5
+    is_vision[1] = True  # at least one vision column; text row 0 then sees no vision token (an empty row)
+    student = causal_maps(size=size, generator=gen).requires_grad_(True)
+    teacher = causal_maps(size=size, generator=gen)
+    block = loss(tv_block(student, is_vision), tv_block(teacher, is_vision))
+    assert block.dtype == torch.float32 and block.dim() == 0
+    assert block.item() == pytest.approx(naive(tv_block(student, is_vision).detach(), tv_block(teacher, is_vision)),
+                                         rel=1e-4, abs=1e-7)
+    full_s = causal_maps(3, size=size, generator=gen).requires_grad_(True)
+    full_t = causal_maps(3, size=size, generator=gen)
+    full = loss(full_s, full_t)
+    assert full.item() == pytest.approx(naive(full_s.detach(), full_t), rel=1e-4)
+    (block + full).backward()
+    assert torch.isfinite(student.grad).all() and full_s.grad.abs().sum() > 0
+    assert loss(full_t, full_t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_row_kl_hand_value_and_empty_rows():
+    teacher = torch.tensor([[0.2, 0.2], [0.0, 0.0], [0.1, 0.3]])  # row 1: no mass, left out
+    student = torch.tensor([[0.1, 0.3], [0.5, 0.5], [0.1, 0.3]])
+    p, q = (0.5, 0.5), (0.25, 0.75)
+    expected = (sum(a * math.log(a / b) for a, b in zip(p, q)) + 0.0) / 2  # row 2 matches exactly
+    assert row_kl(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert row_kl(student, torch.zeros(3, 2)).item() == 0.0
+    with pytest.raises(ValueError, match="rows, columns"):
+        row_kl(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_row_cosine_hand_value():
+    student = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    teacher = torch.tensor([[0.0, 2.0], [6.0, 8.0], [0.0, 0.0]])  # orthogonal, parallel, empty (left out)
+    assert row_cosine(student, teacher).item() == pytest.approx((1.0 + 0.0) / 2)
+    with pytest.raises(ValueError):
+        row_cosine(torch.zeros(3), torch.zeros(3))
+
+
+def test_attention_losses_by_kind():
+    assert attention_losses("mse") == (masked_tv_mse, reasoning_mse)
+    assert attention_losses("kl") == (row_kl, row_kl) and attention_losses("cosine") == (row_cosine, row_cosine)
+    with pytest.raises(ValueError, match="choose from"):
+        attention_losses("l1")
+
+
 # ---- lower-triangle packing ---------------------------------------------------------------------
 
 
@@ -243,14 +310,17 @@ def test_normalise_mix_missing_and_unknown_rows():
 
 
 def test_term_weights_defaults_and_omission():
-    w = term_weights("reasoning", DEFAULT_MIX, lam_r=2.0)
+    ones = lambdas(LossConfig())
+    w = term_weights("reasoning", DEFAULT_MIX, lambdas(LossConfig(lam_r=2.0)))
     assert w == pytest.approx({"ce": 1.0, "p": 0.1, "r": 1.6, "d": 0.1})
     single = {"perception": (1, 0, 0), "reasoning": (0, 1, 0), "planning": (0, 0, 1)}
-    assert term_weights("planning", single) == {"ce": 1.0, "d": 1.0}
-    assert term_weights("perception", DEFAULT_MIX, lam_ce=0.0, lam_d=0.0) == pytest.approx(
+    assert term_weights("planning", single, ones) == {"ce": 1.0, "d": 1.0}
+    assert term_weights("perception", DEFAULT_MIX, dict(ones, ce=0.0, d=0.0)) == pytest.approx(
         {"p": 0.8, "r": 0.1}
     )
     with pytest.raises(ValueError, match="unknown capability"):
-        term_weights("driving", DEFAULT_MIX)
+        term_weights("driving", DEFAULT_MIX, ones)
     with pytest.raises(ValueError, match="lambdas"):
-        term_weights("planning", DEFAULT_MIX, lam_p=-1.0)
+        term_weights("planning", DEFAULT_MIX, dict(ones, p=-1.0))
+    with pytest.raises(ValueError, match=r"\['d'\] are missing"):
+        term_weights("planning", DEFAULT_MIX, {"ce": 1.0, "p": 1.0, "r": 1.0})

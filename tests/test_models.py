@@ -21,8 +21,14 @@ def test_tiny_models_load_offline_and_run(tiny_models, family):
     assert decoder_layers(teacher) > decoder_layers(student)
     t_cfg, s_cfg = teacher.config.get_text_config(), student.config.get_text_config()
     assert t_cfg.num_attention_heads > s_cfg.num_attention_heads
+    for role in (teacher, student):  # a vision tower that can learn the demo scenes
+        vision = role.config.vision_config
+        assert getattr(vision, "num_hidden_layers", getattr(vision, "depth", 0)) > 1 and vision.hidden_size > 32
+    assert load_processor(teacher_dir).tokenizer.get_vocab() == load_processor(student_dir).tokenizer.get_vocab()
     processor = load_processor(student_dir)
+    teacher_layout = build_layout(*make_sample(6), load_processor(teacher_dir))
     lay = build_layout(*make_sample(6), processor)
+    assert teacher_layout.digest == lay.digest  # same text ids and vision spans for teacher and student
     with torch.no_grad():
         out = student(**lay.model_inputs)
     assert out.logits.shape == (1, lay.seq_len, len(processor.tokenizer))

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from pipeline.data.shards import iter_samples
+from pipeline.report.curves import plot_run
 from train_student.metrics import read_jsonl
-from train_student.plot import plot_run
 from train_student.train import main
 
 SAMPLES = 12
@@ -86,6 +86,41 @@ def test_resume_reproduces_the_uninterrupted_losses(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     message = fails(argv(setup, tmp_path / "parts", "--max-steps", "6", *common, "--set", "optim.lr=1e-3"))
     assert "config differs in optim.lr (5e-05 -> 0.001)" in message
+
+
+def test_balanced_scale_hits_its_ratios_and_resumes_exactly(setup, tmp_path, capsys):
+    common = ("--set", "optim.grad_accum=2", "--set", "run.save_every=0", "--set", "loss.scale=balanced",
+              "--set", "loss.kind=kl", "--set", "loss.balance_ratio.reasoning=0.25")
+    main(argv(setup, tmp_path / "whole", "--max-steps", "4", *common))
+    assert "loss.scale=balanced calibrated on 2 samples" in capsys.readouterr().err
+    main(argv(setup, tmp_path / "parts", "--max-steps", "2", *common))
+    meta = json.loads((tmp_path / "parts" / "checkpoint-2" / "meta.json").read_text())
+    capsys.readouterr()
+    main(argv(setup, tmp_path / "parts", "--max-steps", "4", *common))
+    assert "calibrated" not in capsys.readouterr().err  # the resume applies the stored calibration
+    whole, parts = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "parts"))
+    assert whole[0]["calibration"] == meta["calibration"] and meta["calibration"]["samples"] == 2
+    assert whole[0]["grad_ratio_weighted"] == pytest.approx({"p": 0.5, "r": 0.25, "d": 0.5}, rel=0.01)
+    assert whole[0]["weights"] == pytest.approx(meta["calibration"]["lambdas"], rel=1e-6)
+    for a, b in zip(whole, parts):
+        assert (a["losses"], a["weights"], a["grad_norm"], a["fired"]) == (b["losses"], b["weights"], b["grad_norm"],
+                                                                          b["fired"])
+    a = AutoModelForImageTextToText.from_pretrained(tmp_path / "whole" / "checkpoint-4").state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(tmp_path / "parts" / "checkpoint-4").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta_path = tmp_path / "parts" / "checkpoint-4" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "calibration": None}))
+    assert "no complete calibration record" in fails(argv(setup, tmp_path / "parts", "--max-steps", "6", *common))
+
+
+def test_reference_scale_logs_gradient_ratios_and_warns_of_inert_terms(setup, tmp_path, capsys):
+    main(argv(setup, tmp_path / "ref", "--max-steps", "2", "--set", "optim.grad_accum=2"))
+    rows = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    assert all(set(r["grad_ratio_weighted"]) == {"p", "r", "d"} for r in rows) and "calibration" not in rows[0]
+    assert max(rows[0]["grad_ratio_weighted"].values()) < 1e-3  # METHOD section 9: MSE at lambda 1 is inert
+    err = capsys.readouterr().err
+    assert all(err.count(f"warning: inert term {t} ") == 1 for t in ("p", "r", "d"))
+    assert "--set loss.scale=balanced" in err
 
 
 def past_checkpoint(run: Path) -> bool:
@@ -173,6 +208,28 @@ def test_missing_samples_error_or_skip_and_count(setup, tmp_path, capsys):
     assert "9 samples trained, 3 skipped (missing from a cache" in capsys.readouterr().err
     lines = read_jsonl(tmp_path / "skip" / "samples.jsonl")
     assert len(lines) == SAMPLES and sum("skipped" in line for line in lines) == 3
+
+
+def test_skip_missing_that_would_skip_every_sample_is_an_error(setup, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cache.format import index_digest
+
+    other = tmp_path / "other-data-cache"  # a cache of another data set: none of --data's keys
+    shutil.copytree(setup["cache"], other)
+    manifest = json.loads((other / "cache.json").read_text())
+    manifest["dataset"]["dataset_digest"] = "f" * 64
+    (other / "cache.json").write_text(json.dumps(manifest))
+    for index in (other / "shards").glob("*.parquet"):
+        table = pq.read_table(index)
+        keys = pa.array([f"other-{k}" for k in table.column("key").to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", keys), index)
+        marker = index.with_suffix(".done")
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "index_sha256": index_digest(index.read_bytes())}))
+    message = fails([*argv(setup, tmp_path / "r", cache=False), "--cache", str(other), "--skip-missing"])
+    assert f"holds none of the {SAMPLES} samples" in message and "would skip every sample" in message
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("checkpoint-*"))
 
 
 def test_online_teacher_ablation_matches_the_cached_targets(setup, tmp_path):

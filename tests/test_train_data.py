@@ -8,9 +8,13 @@ import torch
 
 from pipeline.attention.layout import LAYOUT_VERSION, build_layout, default_tiling
 from pipeline.attention.maps import group_mean
+from pipeline.cache.codecs import DEFAULT_CODEC, get_codec
+from pipeline.cache.reader import open_cache
+from pipeline.cache.writer import CacheShardWriter
 from pipeline.data.shards import ShardError, iter_samples
 from pipeline.models.processors import load_processor
-from schemas.cache import CacheManifest, SignalSpec
+from schemas.cache import MANIFEST_NAME, CacheManifest, SignalSpec
+from schemas.method import SIGNALS
 from train_student.data import (
     DataError,
     DataSource,
@@ -36,14 +40,6 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-class FakeEntry:
-    def __init__(self, digest, layout, first_tv, penult_tv, mid):
-        self.digest, self.layout, self.first_tv, self.penult_tv, self._mid = digest, layout, first_tv, penult_tv, mid
-
-    def mid_packed(self):
-        return self._mid
-
-
 class FakeCache:
     """The reader API the joiner uses: ``in``, ``[key]``, ``len``, ``root``, ``manifest``."""
 
@@ -60,15 +56,29 @@ class FakeCache:
         return len(self.entries)
 
 
-def fake_entries(samples, processor, n_mid, *, seed=0):
+def write_cache(root, samples, processor, *, n_mid: int, seed: int = 0, wrong_digest=(), leave_out=()) -> dict:
+    """A real cache (manifest + one committed shard, ``pipeline.cache.writer``) of random maps shaped like
+    the samples' layouts; values are float16-exact so the lossless codec returns them unchanged.
+    Returns key -> the blocks written."""
     rng = np.random.default_rng(seed)
-    entries = {}
-    for sample in samples:
-        lay = build_layout(sample.record, sample.images, processor)
-        block = lambda: rng.random((lay.n_text, lay.n_vision), dtype=np.float32)  # noqa: E731
-        mid = rng.random((n_mid, lay.seq_len * (lay.seq_len + 1) // 2), dtype=np.float32)
-        entries[sample.key] = FakeEntry(lay.digest, lay.summary(), block(), block(), mid)
-    return entries
+    exact = lambda *shape: rng.random(shape, dtype=np.float32).astype(np.float16).astype(np.float32)  # noqa: E731
+    (root / MANIFEST_NAME).parent.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_NAME).write_text(manifest(codec=get_codec(DEFAULT_CODEC).describe()).dumps())
+    written = {}
+    with CacheShardWriter(root=str(root), index=0, codec=get_codec(DEFAULT_CODEC), signals=list(SIGNALS)) as writer:
+        for sample in samples:
+            if sample.key in leave_out:
+                continue
+            lay = build_layout(sample.record, sample.images, processor)
+            blocks = {"first_tv": exact(lay.n_text, lay.n_vision), "penult_tv": exact(lay.n_text, lay.n_vision),
+                      "mid": exact(n_mid, lay.seq_len * (lay.seq_len + 1) // 2)}
+            digest = "0123456789abcdef" if sample.key in wrong_digest else lay.digest
+            writer.add({"key": sample.key, "shard": 0, "capability": sample.record.capability,
+                        "seq_len": lay.seq_len, "n_text": lay.n_text, "n_vision": lay.n_vision, "layout_digest": digest,
+                        "layout": json.dumps(lay.summary(), separators=(",", ":"))}, blocks)
+            written[sample.key] = blocks
+        writer.commit()
+    return written
 
 
 def test_epoch_shards_seeded_order_and_rank_split():
@@ -105,27 +115,30 @@ def test_stream_order_does_not_depend_on_workers(shards, tiny_models):
     assert len({key for _, key in orders[0]}) == 5
 
 
-def test_join_targets_digest_check_and_missing_samples(shards, tiny_models):
+def test_join_targets_digest_check_and_missing_samples(shards, tiny_models, tmp_path):
     student = str(tiny_models["internvl", "student"])
     processor = load_processor(student)
     samples = list(iter_samples(shards))
-    entries = fake_entries(samples, processor, n_mid=5)
+    written = write_cache(tmp_path / "cache", samples, processor, n_mid=5, wrong_digest={samples[1].key},
+                          leave_out={samples[2].key})
+    cache = open_cache(str(tmp_path / "cache"))
     joiner = SampleJoiner(student=student, tiling=default_tiling(processor), caches={
-        "perception": FakeCache(entries), "reasoning": FakeCache(entries)}, k=3)
+        "perception": cache, "reasoning": cache, "planning": cache}, k=3)
     item = joiner(0, samples[0])
-    entry = entries[samples[0].key]
+    blocks = written[samples[0].key]
     assert item.capability == samples[0].record.capability and item.labels.shape == item.is_vision.shape
-    torch.testing.assert_close(item.targets["perception"], torch.from_numpy(entry.first_tv))
-    torch.testing.assert_close(item.targets["reasoning"], group_mean(torch.from_numpy(entry._mid), 3))
-    grouped = SampleJoiner(student=student, tiling=joiner.tiling, caches={"reasoning": FakeCache(entries)}, k=5,
-                           grouped=True)
-    torch.testing.assert_close(grouped(0, samples[0]).targets["reasoning"], torch.from_numpy(entry._mid))
+    n_vision = int(item.is_vision.sum())
+    assert item.targets["perception"].shape == (item.is_vision.numel() - n_vision, n_vision)
+    torch.testing.assert_close(item.targets["perception"], torch.from_numpy(blocks["first_tv"]), rtol=0, atol=0)
+    torch.testing.assert_close(item.targets["planning"], torch.from_numpy(blocks["penult_tv"]), rtol=0, atol=0)
+    torch.testing.assert_close(item.targets["reasoning"], group_mean(torch.from_numpy(blocks["mid"]), 3))
+    grouped = SampleJoiner(student=student, tiling=joiner.tiling, caches={"reasoning": cache}, k=5, grouped=True)
+    torch.testing.assert_close(grouped(0, samples[0]).targets["reasoning"], torch.from_numpy(blocks["mid"]),
+                               rtol=0, atol=0)
 
-    entries[samples[1].key].digest = "0123456789abcdef"
     with pytest.raises(DataError, match=rf"layout mismatch on sample {samples[1].key}: student digest \w+ .* digest "
                                         "0123456789abcdef"):
         joiner(1, samples[1])
-    del entries[samples[2].key]
     with pytest.raises(DataError, match=rf"sample {samples[2].key} .* missing from the perception cache.*--skip-missing"):
         joiner(2, samples[2])
     joiner.skip_missing = True

@@ -8,9 +8,13 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from pipeline.measure.memory_trace import GB, LiveBytes
+from pipeline.measure.memory_trace import LiveBytes
+from pipeline.measure.results import GIB
+from pipeline.models.load import load_model
+from schemas.method import LayerPlan
 from train_student import bench
 from train_student.memory import estimate_peak, item_bytes
+from train_student.setup import build_trainer
 
 
 def test_live_bytes_counts_each_storage_once_until_freed():
@@ -37,8 +41,8 @@ def test_live_bytes_counts_each_storage_once_until_freed():
 @pytest.fixture(scope="module")
 def tiny_student(tiny_models):
     config = AutoConfig.from_pretrained(tiny_models["internvl", "student"])
-    items = bench.synthetic_items(config, n=2, views=1, k=config.get_text_config().num_hidden_layers - 1,
-                                  question=12, answer=4)
+    k = len(LayerPlan.for_model(config.get_text_config().num_hidden_layers).mid)
+    items = bench.synthetic_items(config, n=2, views=1, k=k, question=12, answer=4)
     return config, items
 
 
@@ -55,7 +59,7 @@ def test_fake_trace_equals_the_same_trace_on_real_tensors(tiny_student, name):
     fake = estimate_peak(config, train_config(name), items)
     real = estimate_peak(config, train_config(name), items, fake=False)
     assert fake == real
-    assert fake["setup_gb"] < fake["after_step_gb"] < fake["peak_gb"]
+    assert fake["setup_gib"] < fake["after_step_gib"] < fake["peak_gib"]
     assert fake["peak_phase"] in ("micro-step", "optimizer step")
 
 
@@ -66,12 +70,31 @@ def test_estimate_follows_the_options(tiny_student):
     sft = estimate_peak(config, train_config("sft"), items)
     params = fp32["trainable_params"]
     rows = 1 + 3  # CE and the three distillation terms
-    assert (fp32["setup_gb"] - bf16["setup_gb"]) * GB == pytest.approx(rows * params * 2, abs=64)
+    assert (fp32["setup_gib"] - bf16["setup_gib"]) * GIB == pytest.approx(rows * params * 2, abs=64)
     # SFT keeps no bank: its setup is the fp32 model; its peak is below Drive-KD's
-    assert sft["setup_gb"] * GB == pytest.approx(params * 4, rel=0.01)
-    assert sft["peak_gb"] < bf16["peak_gb"] < fp32["peak_gb"]
+    assert sft["setup_gib"] * GIB == pytest.approx(params * 4, rel=0.01)
+    # the optimizer step adds AdamW's two fp32 moments per trainable parameter
+    for estimate in (fp32, sft):
+        assert (estimate["after_step_gib"] - estimate["setup_gib"]) * GIB == pytest.approx(params * 8, rel=0.01)
+    assert sft["peak_gib"] < bf16["peak_gib"] < fp32["peak_gib"]
     frozen = estimate_peak(config, train_config("drive_kd_agp", freeze_vision=True), items)
-    assert frozen["trainable_params"] < params and frozen["peak_gb"] < fp32["peak_gb"]
+    assert frozen["trainable_params"] < params and frozen["peak_gib"] < fp32["peak_gib"]
+
+
+def test_bench_and_estimate_use_the_trainers_optimizer_and_schedule(tiny_models):
+    """build_trainer (train_student.setup) reads every optim field, as python -m train_student does."""
+    config = bench.mode_config("drive_kd_agp", {"optim": {"lr": 1e-3, "betas": [0.8, 0.95], "weight_decay": 0.1,
+                                                          "lr_floor": 0.2, "warmup_steps": 0}})
+    model = load_model(tiny_models["internvl", "student"])
+    plan = LayerPlan.for_model(model.config.get_text_config().num_hidden_layers)
+    parts = build_trainer(config, model, plan, torch.device("cpu"), total_steps=2)
+    group = parts.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"]) == ((0.8, 0.95), 0.1)
+    assert parts.reweighter is not None and parts.generator is not None  # AGP and reweighting on by default
+    for _ in range(2):
+        parts.optimizer.step()
+        parts.scheduler.step()
+    assert parts.scheduler.get_last_lr()[0] == pytest.approx(0.2 * 1e-3)  # the configured floor, not 0.01
 
 
 def test_item_bytes_counts_inputs_targets_and_labels(tiny_student):
@@ -95,7 +118,7 @@ def test_estimate_memory_command_writes_every_option(tiny_models, tmp_path, monk
     result = json.loads(out.read_text())
     assert set(result["modes"]) == {"sft", "drive_kd_agp"} == set(result["under_24gb"])
     assert "estimate, not a measurement" in result["method"]
-    assert result["modes"]["sft"]["peak_gb"] < result["modes"]["drive_kd_agp"]["peak_gb"]
+    assert result["modes"]["sft"]["peak_gib"] < result["modes"]["drive_kd_agp"]["peak_gib"]
 
 
 def test_synthetic_benchmark_runs_every_mode_on_cpu(tiny_models):
@@ -107,6 +130,9 @@ def test_synthetic_benchmark_runs_every_mode_on_cpu(tiny_models):
 
     result = bench.run_synthetic(Args, torch.device("cpu"))
     assert set(result["modes"]) == {"sft", "drive_kd_agp", "drive_kd_no_agp", "online_teacher"}
-    assert all(m["samples_per_s"] > 0 and m["optimizer_steps_timed"] == 1 for m in result["modes"].values())
+    modes = result["modes"]
+    assert all(m["optimizer_steps_timed"] == 1 and 0 < m["samples_per_s"] < 1e4 for m in modes.values())
     bench.summarise(result, torch.device("cpu"))
     assert set(result["targets"]) == {"cached_at_least_4x_online", "agp_at_most_2.5x_sft"}
+    assert result["ratios"]["drive_kd_agp_step_cost_vs_sft"] == (modes["sft"]["samples_per_s"]
+                                                                 / modes["drive_kd_agp"]["samples_per_s"])

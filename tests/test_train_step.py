@@ -7,17 +7,18 @@ from conftest import make_sample
 
 from pipeline.attention.capture import enable_capture
 from pipeline.attention.layout import build_layout
-from pipeline.attention.maps import dense_to_tril
+from pipeline.attention.maps import dense_to_tril, tv_block
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
+from schemas.method import LayerPlan
 from train_student.agp import GradBank, agp_reference
 from train_student.config import LossConfig
 from train_student.data import TrainItem
+from train_student.losses import row_cosine, row_kl
 from train_student.online import ParameterGrads, per_parameter_combine
 from train_student.reweight import LossReweighter
 from train_student.step import (
     CapturedForward,
-    LayerPlan,
     MicroStepper,
     NonFiniteLossError,
     TermWeights,
@@ -27,7 +28,7 @@ from train_student.step import (
 
 CPU = torch.device("cpu")
 TERMS = ["p", "r", "d"]
-PLAN = LayerPlan.for_student(4, 0, -2)
+PLAN = LayerPlan.for_model(4, 0, -2)
 
 
 def make_item(model_dir, *, key="k0", capability="perception", seed=0, nan=False):
@@ -151,6 +152,20 @@ def test_packed_and_dense_reasoning_targets_agree():
     b = distill_losses(maps, is_vision, {"reasoning": dense_to_tril(dense)}, PLAN, ["r"])["r"]
     torch.testing.assert_close(a, b)
     assert PLAN.layers(["p"]) == [0] and PLAN.layers(["d"]) == [2] and PLAN.layers(["r", "p"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["kl", "cosine"])
+def test_distill_losses_of_a_row_kind(kind):
+    g = torch.Generator().manual_seed(1)
+    maps = {layer: torch.rand(9, 9, generator=g).tril() for layer in range(3)}
+    is_vision = torch.tensor([False, True, True, True, False, False, True, False, False])
+    targets = {"perception": torch.rand(5, 4, generator=g), "planning": torch.rand(5, 4, generator=g),
+               "reasoning": torch.rand(3, 9, 9, generator=g).tril()}
+    losses = distill_losses(maps, is_vision, targets, PLAN, TERMS, kind)
+    row = row_kl if kind == "kl" else row_cosine
+    torch.testing.assert_close(losses["p"], row(tv_block(maps[0], is_vision), targets["perception"]))
+    torch.testing.assert_close(losses["d"], row(tv_block(maps[2], is_vision), targets["planning"]))
+    torch.testing.assert_close(losses["r"], row(torch.stack([maps[i] for i in PLAN.mid]), targets["reasoning"]))
 
 
 def test_term_weights_skip_zero_mix_and_lambdas():

@@ -33,20 +33,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pipeline.attention.capture import captured_attention, enable_capture
+from pipeline.attention.capture import captured_attention
 from pipeline.data.demo import vocabulary_corpus
 from pipeline.evaluation.efficiency import synthetic_inputs
 from pipeline.measure.memory_trace import METHOD
-from pipeline.measure.results import PeakMemory, device_name, write_results
+from pipeline.measure.results import GIB, PeakMemory, device_name, write_results
 from pipeline.models.shapes import shape_config
 from pipeline.models.tiny import build_tiny
+from schemas.method import CAPABILITIES, ROLES, LayerPlan
 from train_student import config as cfg
 from train_student.data import TrainItem
 from train_student.memory import estimate_peak
 from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
-from train_student.step import LayerPlan, prepare_student
-from train_student.train import build_stepper, cosine_schedule
+from train_student.setup import build_trainer
 
 MODES = {  # name -> (CLI flags, config overrides)
     "sft": (["--sft"], {"loss": {"sft": True}}),
@@ -92,7 +92,7 @@ def cli_mode(name: str, paths: dict, root: Path, *, warmup: int, steps: int) -> 
                    env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     rows = read_jsonl(run / "metrics.jsonl")[warmup:]
     seconds = sum(r["samples"] / r["samples_per_s"] for r in rows)
-    return {"samples_per_s": sum(r["samples"] for r in rows) / seconds, "peak_memory_gb": rows[-1]["peak_mem_gb"],
+    return {"samples_per_s": sum(r["samples"] for r in rows) / seconds, "peak_memory_gib": rows[-1]["peak_memory_gib"],
             "optimizer_steps_timed": len(rows)}
 
 
@@ -113,7 +113,7 @@ def synthetic_items(config, *, n: int, views: int, k: int, question: int = 180, 
         targets = {"perception": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
                    "planning": torch.rand(s - n_vision, n_vision, generator=g) / n_vision,
                    "reasoning": torch.rand(k, s * (s + 1) // 2, generator=g) * (2 / s)}
-        items.append(TrainItem(key=f"synthetic-{i}", index=i, capability=("perception", "reasoning", "planning")[i % 3],
+        items.append(TrainItem(key=f"synthetic-{i}", index=i, capability=CAPABILITIES[i % 3],
                                inputs=inputs, labels=labels, is_vision=is_vision, answer_start=s - answer,
                                targets=targets))
     return items
@@ -121,7 +121,7 @@ def synthetic_items(config, *, n: int, views: int, k: int, question: int = 180, 
 
 def mode_config(name: str, overrides: dict) -> cfg.TrainConfig:
     data = {"data": {"shards": "synthetic", "caches": {} if name in ("sft", "online_teacher") else
-                     {r: "synthetic" for r in cfg.ROLES}}, "model": {"student": "synthetic"}, "run": {"out": "-"}}
+                     {r: "synthetic" for r in ROLES}}, "model": {"student": "synthetic"}, "run": {"out": "-"}}
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
     return cfg.resolve(cfg.from_dict(data))
@@ -140,17 +140,13 @@ def synthetic_mode(name: str, overrides: dict, *, student_config, items, device,
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(
                 student_config, attn_implementation="eager" if teacher_model is not None else "sdpa")
-        plan = LayerPlan.for_student(student_config.get_text_config().num_hidden_layers, 0, -2)
+        loss = config.loss
+        plan = LayerPlan.for_model(student_config.get_text_config().num_hidden_layers, loss.mid_start, loss.mid_end)
         teacher = None
         if teacher_model is not None:
-            teacher = OnlineTeacher(teacher_model, plan=plan, mid_start=0, mid_end=-2)
-        else:
-            enable_capture(model)
-        prepare_student(model, freeze_vision=config.model.freeze_vision, gradient_checkpointing=False,
-                        captured=plan.layers(config.terms))
-        stepper, _, _ = build_stepper(config, model, plan, device, teacher=teacher)
-        optimizer = torch.optim.AdamW(stepper.params, lr=config.optim.lr, weight_decay=0.0)
-        scheduler = cosine_schedule(optimizer, total_steps=warmup + steps, warmup=0, floor=0.01)
+            teacher = OnlineTeacher(teacher_model, plan=plan, mid_start=loss.mid_start, mid_end=loss.mid_end)
+        parts = build_trainer(config, model, plan, device, total_steps=warmup + steps, teacher=teacher)
+        stepper, optimizer, scheduler = parts.stepper, parts.optimizer, parts.scheduler
         accum = config.optim.grad_accum
         for window in range(warmup + steps):
             if window == warmup:
@@ -162,10 +158,10 @@ def synthetic_mode(name: str, overrides: dict, *, student_config, items, device,
             stepper.apply(optimizer, scheduler)
         sync(device)
         elapsed = time.perf_counter() - start
-    del model, stepper, optimizer
+    del model, stepper, optimizer, parts
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"samples_per_s": steps * accum / elapsed, "peak_memory_gb": memory.peak / 2**30,
+    return {"samples_per_s": steps * accum / elapsed, "peak_memory_gib": memory.read_gib(),
             "optimizer_steps_timed": steps}
 
 
@@ -177,7 +173,7 @@ def cached_modes(with_memory_options: bool) -> list[tuple[str, dict]]:
 
 def run_synthetic(args, device: torch.device) -> dict:
     student_config, teacher_config = shape_config(args.student_shape), shape_config(args.teacher_shape)
-    k = student_config.get_text_config().num_hidden_layers - 1
+    k = len(LayerPlan.for_model(student_config.get_text_config().num_hidden_layers).mid)
     items = synthetic_items(student_config, n=4, views=args.views, k=k)
     result = {"student": args.student_shape, "teacher": args.teacher_shape, "views": args.views,
               "seq_len": statistics.mean(it.labels.numel() for it in items), "modes": {}}
@@ -199,7 +195,7 @@ def run_estimate(args) -> dict:
     """Peak GPU memory of every cached mode and memory option, traced with fake tensors on the CPU
     (``train_student.memory``): the default config (grad_accum 4) with bf16 autocast as on a GPU."""
     student_config = shape_config(args.student_shape)
-    k = student_config.get_text_config().num_hidden_layers - 1
+    k = len(LayerPlan.for_model(student_config.get_text_config().num_hidden_layers).mid)
     items = synthetic_items(student_config, n=2, views=args.views, k=k)
     result = {"student": args.student_shape, "views": args.views, "seq_len": items[0].labels.numel(),
               "method": f"{METHOD}; the trainer's own micro-steps and optimizer steps (train_student.memory)",
@@ -208,7 +204,7 @@ def run_estimate(args) -> dict:
         overrides = {**overrides, "model": {**overrides.get("model", {}), "precision": "bf16"}}
         result["modes"][name] = estimate_peak(student_config, mode_config(name, overrides), items)
         print(name, result["modes"][name], file=sys.stderr)
-    result["under_24gb"] = {name: m["peak_gb"] < 24 for name, m in result["modes"].items()}
+    result["under_24gb"] = {name: m["peak_gib"] < 24 for name, m in result["modes"].items()}
     return result
 
 
@@ -232,7 +228,7 @@ def captured_layer_memory(*, heads: int = 14, seq: int = 1800, dim: int = 64) ->
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             fn(q, k, v, mask, dim ** -0.5)
-        figures[f"{name}_saved_gb"] = sum(saved.values()) / 2**30
+        figures[f"{name}_saved_gib"] = sum(saved.values()) / GIB
     return figures
 
 
@@ -245,7 +241,7 @@ def summarise(result: dict, device: torch.device) -> None:
     result["targets"] = {"cached_at_least_4x_online": result["ratios"]["drive_kd_agp_vs_online_samples_per_s"] >= 4,
                          "agp_at_most_2.5x_sft": result["ratios"]["drive_kd_agp_step_cost_vs_sft"] <= 2.5}
     if device.type == "cuda":
-        result["targets"]["under_24gb"] = {name: m["peak_memory_gb"] < 24 for name, m in modes.items()}
+        result["targets"]["under_24gb"] = {name: m["peak_memory_gib"] < 24 for name, m in modes.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

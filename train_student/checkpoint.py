@@ -3,7 +3,7 @@
 A checkpoint directory holds the student (``save_pretrained`` + processor: loadable with
 transformers alone), ``trainer_state.pt`` (optimizer, scheduler, reweighting state, RNG states incl.
 the AGP order generator) and ``meta.json`` (format version, resolved config, loop state: optimizer
-step, epoch, data position, samples, log sizes). It is written to ``checkpoint-STEP.tmp`` and
+step, epoch, data position, samples, log sizes; the balanced-scale calibration, if any). It is written to ``checkpoint-STEP.tmp`` and
 renamed, then ``latest`` is replaced atomically, so a kill never leaves a half checkpoint behind
 ``latest``. Checkpoints are only written at optimizer-step boundaries after finite losses.
 """
@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LATEST_NAME, META_NAME, STATE_NAME, LoopState
+from schemas.checkpoint import (
+    CALIBRATION_KEYS,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LATEST_NAME,
+    META_NAME,
+    STATE_NAME,
+    LoopState,
+)
 from train_student.config import differences
 
 
@@ -51,8 +59,9 @@ def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, model, processor, optimizer, scheduler, reweighter, generator,
-                    loop: LoopState, config: dict, keep_last: int = 0) -> Path:
-    """Write ``checkpoint-{loop.step}``, point ``latest`` at it and prune to ``keep_last`` (0: keep all)."""
+                    loop: LoopState, config: dict, keep_last: int = 0, calibration: dict | None = None) -> Path:
+    """Write ``checkpoint-{loop.step}``, point ``latest`` at it and prune to ``keep_last`` (0: keep all);
+    ``calibration``: the ``loss.scale=balanced`` record (``train_student.scale.calibrate``)."""
     name = f"checkpoint-{loop.step}"
     final, tmp = run_dir / name, run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +70,8 @@ def save_checkpoint(run_dir: Path, *, model, processor, optimizer, scheduler, re
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "reweighter": reweighter.state_dict() if reweighter is not None else None,
                 "rng": rng_state(generator)}, tmp / STATE_NAME)
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "loop": asdict(loop)}
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "loop": asdict(loop),
+            "calibration": calibration}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -103,6 +113,12 @@ def read_meta(path: Path, config: dict) -> tuple[dict, LoopState]:
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs) +
                               ". Resume with the checkpoint's settings (see its meta.json) or use another --out.")
+    balanced = config.get("loss", {}).get("scale") == "balanced"
+    calibration = meta.get("calibration")
+    if balanced and not (isinstance(calibration, dict) and set(CALIBRATION_KEYS) <= set(calibration)):
+        raise CheckpointError(f"{path}: loss.scale=balanced but the checkpoint's meta.json has no complete calibration "
+                              f"record (keys {list(CALIBRATION_KEYS)}, found {calibration!r}); an exact resume needs "
+                              "the lambdas of the first window: restore meta.json or start a new --out")
     return meta, LoopState(**meta["loop"])
 
 

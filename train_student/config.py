@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from train_student.mixing import CAPABILITIES, DEFAULT_MIX, normalise_mix
+from schemas.method import ROLE_TERM, ROLES, lambdas
+from train_student.losses import LOSS_KINDS
+from train_student.mixing import DEFAULT_MIX, normalise_mix
 
-ROLES = CAPABILITIES
-"""Teacher roles, one per distillation term: perception -> p, reasoning -> r, planning -> d."""
-ROLE_TERM = {"perception": "p", "reasoning": "r", "planning": "d"}
 PRECISIONS = ("auto", "bf16", "fp32")
 BANK_DTYPES = ("fp32", "bf16")
+SCALES = ("reference", "balanced")
 RUN_CONTROL = ("run.out", "run.device", "run.max_steps", "run.save_every", "run.keep_last", "run.progress",
                "data.num_workers")
 """Fields a resumed run may change: they steer the run (or locate it), not what it computes."""
@@ -84,6 +84,21 @@ class LossConfig:
     """first intermediate student layer of the reasoning term (negative counts from the end)."""
     mid_end: int = -2
     """last intermediate student layer, inclusive."""
+    kind: str = "mse"
+    """attention loss of all three terms: mse (METHOD section 3, the reference: MSE over probabilities, its
+    gradients ~1e-7 of CE's), kl (per query row, KL(teacher || student) of the rows renormalised over the
+    text-to-vision block for p/d and over the causal row for r, MiniLM-style) or cosine (per-row cosine
+    distance, the paper's ablation)."""
+    scale: str = "reference"
+    """how the distillation lambdas are set: reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6) or
+    balanced (calibrated once on the first window of a fresh run, from each term's mean unweighted gradient
+    norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
+    first metrics row; lam_p/lam_r/lam_d then only switch a term off with 0). With reweighting, the
+    reweighter learns a factor on the calibrated lambdas, steering towards these ratios (train_student.scale)."""
+    balance_ratio: dict[str, float] = field(default_factory=lambda: {r: 0.5 for r in ROLES})
+    """scale=balanced: per role (perception / reasoning / planning), the term's lambda-weighted gradient norm
+    as a fraction of CE's (> 0). 0.5: a sample's mix row sums to 1, so its three distillation gradients
+    together weigh half the CE anchor: visible in the update, CE still the largest term."""
 
 
 @dataclass
@@ -287,8 +302,12 @@ def _loss_problems(c: TrainConfig) -> list[str]:
         missing = [r for r in loss.signals if r not in caches]
         _check(p, not missing, f"no cache for role(s) {missing}: pass --cache ROLE=DIR for each role in "
                f"loss.signals={loss.signals}, limit --signals, or train --sft")
-    lams = {"lam_ce": loss.lam_ce, "lam_p": loss.lam_p, "lam_r": loss.lam_r, "lam_d": loss.lam_d}
-    bad = {k: v for k, v in lams.items() if not (math.isfinite(v) and v >= 0)}
+    _check(p, loss.kind in LOSS_KINDS, f"loss.kind={loss.kind!r}: choose from {LOSS_KINDS}")
+    _check(p, loss.scale in SCALES, f"loss.scale={loss.scale!r}: choose from {SCALES}")
+    bad_ratio = {k: v for k, v in loss.balance_ratio.items() if k not in ROLES or not (math.isfinite(v) and v > 0)}
+    _check(p, not bad_ratio, f"loss.balance_ratio has {bad_ratio}: keys are roles {list(ROLES)}, values finite "
+           "and > 0 (e.g. --set loss.balance_ratio.reasoning=0.2)")
+    bad = {f"lam_{t}": v for t, v in lambdas(loss).items() if not (math.isfinite(v) and v >= 0)}
     _check(p, not bad, f"loss lambdas must be finite and >= 0, got {bad}")
     _check(p, loss.lam_ce > 0, f"loss.lam_ce={loss.lam_ce} must be > 0: the CE gradient is the AGP anchor")
     try:

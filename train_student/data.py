@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -24,13 +25,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.attention.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
-from pipeline.attention.maps import group_mean, resolve_layer_range
+from pipeline.attention.maps import group_mean
+from pipeline.cache.format import CacheIntegrityError
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.data.shards import Sample, ShardError, decode_sample, group_by_key, read_manifest, tar_members
 from pipeline.models.processors import load_processor
+from schemas.method import ROLE_SIGNAL, LayerPlan
 from schemas.shards import MANIFEST_NAME
-
-ROLE_SIGNAL = {"perception": "first_tv", "reasoning": "mid", "planning": "penult_tv"}
 
 
 class DataError(ValueError):
@@ -158,7 +159,10 @@ class SampleJoiner:
                     f"(S={entry.layout.get('seq_len')}, vision={entry.layout.get('n_vision')}). Likely cause: a "
                     "teacher of another family/tokenizer, or a different image tiling; cache a teacher of the "
                     "student's family with the same tiling.")
-            targets[role] = self._target(entry, role)
+            try:
+                targets[role] = self._target(entry, role)
+            except CacheIntegrityError as err:  # names cache, shard, signal, sample and the fix
+                raise DataError(f"{role} cache: {err}") from err
         return TrainItem(key=sample.key, index=index, capability=sample.record.capability,
                          inputs=layout.model_inputs, labels=layout.labels, is_vision=layout.is_vision,
                          answer_start=layout.answer_span[0], targets=targets)
@@ -167,7 +171,7 @@ class SampleJoiner:
         if role == "reasoning":
             packed = torch.from_numpy(entry.mid_packed())
             return packed if self.grouped else group_mean(packed, self.k)
-        return torch.from_numpy(entry.first_tv if role == "perception" else entry.penult_tv)
+        return torch.from_numpy(getattr(entry, ROLE_SIGNAL[role]))
 
 
 # ---------------------------------------------------------------- dataset and loader
@@ -255,6 +259,30 @@ def check_cache(roles: list[str], cache: TeacherCache, *, family: str, num_layer
     return problems
 
 
+def shard_keys(shard: ShardRef) -> Iterator[str]:
+    """Sample keys of a data shard from its tar headers only (member data is seeked over, not read)."""
+    try:
+        with fsspec.open(shard.path, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+            yield from (info.name.rpartition("/")[2].partition(".")[0] for info in tar if info.isfile())
+    except (tarfile.TarError, EOFError, FileNotFoundError) as err:
+        raise ShardError(f"shard {shard.path} cannot be listed ({err}). Fix: re-run `python -m pipeline.ingest`.") from err
+
+
+def skip_everything(shards: list[ShardRef], caches: dict[str, TeacherCache], digest: str) -> list[str]:
+    """With --skip-missing: a problem for each cache that holds none of the data's samples (the run
+    would skip every sample and save the untrained student)."""
+    problems = []
+    for cache in dict.fromkeys(caches.values()):
+        if cache.manifest.dataset.get("dataset_digest") == digest:
+            continue  # the cache was made from this data: its committed samples are present
+        if not any(key in cache for shard in shards for key in shard_keys(shard)):
+            roles = "/".join(r for r, c in caches.items() if c is cache)
+            problems.append(f"{roles} cache {cache.root} holds none of the {sum(s.samples for s in shards)} samples "
+                            "of --data: --skip-missing would skip every sample and train nothing. Use the cache "
+                            "made from this data (or cache it: `python -m cache_teacher --data ...`)")
+    return problems
+
+
 def open_source(config, *, student_dir: str, family: str, num_layers: int) -> DataSource:
     """Validate data and caches against the student (every problem in one DataError) and describe
     the stream. ``config`` is the resolved TrainConfig, ``student_dir`` the student's directory."""
@@ -263,7 +291,7 @@ def open_source(config, *, student_dir: str, family: str, num_layers: int) -> Da
     if len(shards) < world:
         raise DataError(f"{config.data.shards} has {len(shards)} non-empty shard(s) for {world} ranks; re-ingest "
                         "with a smaller --shard-size so every rank gets a shard")
-    k = len(resolve_layer_range(config.loss.mid_start, config.loss.mid_end, num_layers))
+    k = len(LayerPlan.for_model(num_layers, config.loss.mid_start, config.loss.mid_end).mid)
     caches, problems = {}, []
     for directory in dict.fromkeys(config.data.caches.values()):
         roles = [r for r, d in config.data.caches.items() if d == directory]
@@ -279,6 +307,8 @@ def open_source(config, *, student_dir: str, family: str, num_layers: int) -> Da
     if len(tilings) > 1:
         problems.append(f"the caches were laid out with different tilings {sorted(tilings)}; use caches made "
                         "with one tiling")
+    if config.data.skip_missing and not problems:
+        problems += skip_everything(shards, caches, digest)
     if problems:
         raise DataError("cannot train with these caches:\n  - " + "\n  - ".join(problems))
     tiling = (TilingPolicy(**dict(tilings.pop())) if tilings

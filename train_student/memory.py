@@ -1,8 +1,8 @@
 """Peak device memory of training, estimated without the device.
 
 ``estimate_peak`` builds the student from its config on fake tensors (``pipeline.memory_trace``: what
-is and is not counted), then runs the trainer's own pieces on it: ``prepare_student``,
-``build_stepper``, micro-steps with the current sample's tensors held as live, the optimizer step. It
+is and is not counted), then runs the trainer's own pieces on it: ``build_trainer`` (the set-up
+``python -m train_student`` uses: model preparation, stepper, optimizer, schedule), micro-steps with the current sample's tensors held as live, the optimizer step. It
 answers "which options does a 24 GB card need" before renting one; a measurement on the card
 (``python -m train_student.bench``) supersedes it. The online-teacher ablation syncs per parameter
 (data-dependent) and is not estimable this way.
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForImageTextToText
 
-from pipeline.attention.capture import enable_capture
-from pipeline.measure.memory_trace import GB, fake_trace
+from pipeline.measure.memory_trace import fake_trace
+from pipeline.measure.results import GIB
+from schemas.method import LayerPlan
 from train_student import config as cfg
 from train_student.data import TrainItem
-from train_student.step import LayerPlan, prepare_student
-from train_student.train import build_stepper, cosine_schedule
+from train_student.setup import build_trainer
 
 
 def item_bytes(item: TrainItem) -> int:
@@ -43,8 +43,8 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
             fake trace).
 
     Returns:
-        ``{"peak_gb", "peak_phase" ("micro-step" or "optimizer step"), "setup_gb" (model + gradient
-        bank), "after_step_gb" (+ optimizer state), "trainable_params", "seq_len"}``.
+        ``{"peak_gib", "peak_phase" ("micro-step" or "optimizer step"), "setup_gib" (model + gradient
+        bank), "after_step_gib" (+ optimizer state), "trainable_params", "seq_len"}``.
     """
     if config.model.online_teacher:
         raise ValueError("the online-teacher ablation syncs per parameter and cannot be traced; "
@@ -53,16 +53,11 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
     with fake_trace(fake) as tracker:
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(student_config, attn_implementation="sdpa")
-        plan = LayerPlan.for_student(student_config.get_text_config().num_hidden_layers,
-                                     config.loss.mid_start, config.loss.mid_end)
-        enable_capture(model)
-        prepare_student(model, freeze_vision=config.model.freeze_vision,
-                        gradient_checkpointing=config.model.gradient_checkpointing,
-                        captured=plan.layers(config.terms))
-        stepper, _, _ = build_stepper(config, model, plan, device)
+        plan = LayerPlan.for_model(student_config.get_text_config().num_hidden_layers,
+                                   config.loss.mid_start, config.loss.mid_end)
+        parts = build_trainer(config, model, plan, device, total_steps=windows)
+        stepper, optimizer, scheduler = parts.stepper, parts.optimizer, parts.scheduler
         setup = tracker.live
-        optimizer = torch.optim.AdamW(stepper.params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        scheduler = cosine_schedule(optimizer, total_steps=windows, warmup=0, floor=0.01)
         accum = config.optim.grad_accum
         for window in range(windows):
             tracker.phase = "micro-step"
@@ -75,5 +70,5 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
             stepper.apply(optimizer, scheduler)
         after_step = tracker.live
         trainable = sum(p.numel() for p in stepper.params)
-    return {"peak_gb": tracker.peak / GB, "peak_phase": tracker.peak_phase, "setup_gb": setup / GB, "after_step_gb": after_step / GB,
+    return {"peak_gib": tracker.peak / GIB, "peak_phase": tracker.peak_phase, "setup_gib": setup / GIB, "after_step_gib": after_step / GIB,
             "trainable_params": trainable, "seq_len": max(it.labels.numel() for it in items)}

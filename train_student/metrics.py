@@ -1,7 +1,9 @@
 """Per-optimizer-step metrics: device-side window sums and the JSONL logs of a run.
 
-``WindowStats`` adds every micro-step's raw term losses, gradient cosines and fired projections on
-the device; ``collect`` brings the window to the host in ONE transfer (the step's sync point).
+``WindowStats`` adds every micro-step's raw term losses, gradient cosines and norms and fired
+projections on the device; ``collect`` brings the window to the host in ONE transfer (the step's sync
+point). Gradient norms come from the gradient bank's Gram diagonal (no extra backward); the plain mode
+(no AGP, no reweighting: one backward of the weighted sum) has no per-term gradients and logs none.
 ``JsonlLog`` appends rows to ``metrics.jsonl`` / ``samples.jsonl``; a resumed run truncates them to
 the sizes its checkpoint recorded, so they never hold rows of steps that were trained again.
 """
@@ -9,27 +11,27 @@ the sizes its checkpoint recorded, so they never hold rows of steps that were tr
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from pathlib import Path
 
 import torch
 
-TERM_ORDER = ("ce", "p", "r", "d")
-DISTILL_TERMS = TERM_ORDER[1:]
+from schemas.method import LOSS_TERMS, TERMS
 
 
 class WindowStats:
-    """Sums over one accumulation window, kept on ``device`` (terms indexed in TERM_ORDER)."""
+    """Sums over one accumulation window, kept on ``device`` (terms indexed in LOSS_TERMS)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, *, loss_scale: float = 1.0):
+        """``loss_scale``: the factor the losses were multiplied by before their backward (1/grad_accum);
+        the logged norms are those of the unscaled losses' gradients."""
+        self.device, self.loss_scale = device, loss_scale
         self.reset()
 
     def reset(self) -> None:
         zeros = lambda *shape: torch.zeros(*shape, device=self.device)  # noqa: E731
         self.loss_sum, self.count, self.total = zeros(4), zeros(4), zeros(())
         self.cos_sum, self.cos_count, self.fired = zeros(4, 4), zeros(4, 4), zeros(2, 3)
+        self.norm_sum, self.norm_count = zeros(4), zeros(4)
         self.finite: list[torch.Tensor] = []
         self.keys: list[str] = []
 
@@ -38,7 +40,7 @@ class WindowStats:
 
     def add(self, key: str, terms: torch.Tensor, losses: torch.Tensor, total: torch.Tensor,
             stats: dict | None = None) -> None:
-        """One micro-step. terms: [n] long term ids (TERM_ORDER, on device); losses: [n] raw losses;
+        """One micro-step. terms: [n] long term ids (LOSS_TERMS, on device); losses: [n] raw losses;
         total: the weighted loss; stats: ``cos`` [n, n], ``norms`` [n] and optionally ``fired``
         [2, n-1] of the per-term gradients (see ``agp_step``)."""
         losses = losses.detach().float()
@@ -52,6 +54,8 @@ class WindowStats:
             self.cos_sum.index_put_(pairs, stats["cos"].float(), accumulate=True)
             self.cos_count.index_put_(pairs, torch.ones_like(stats["cos"], dtype=torch.float32), accumulate=True)
             finite = finite & torch.isfinite(stats["norms"]).all()
+            self.norm_sum.index_add_(0, terms, stats["norms"].float() / self.loss_scale)
+            self.norm_count.index_add_(0, terms, torch.ones_like(losses))
             if "fired" in stats and terms.numel() > 1:
                 self.fired.index_add_(1, terms[1:] - 1, stats["fired"].float())
         self.finite.append(finite)
@@ -61,34 +65,46 @@ class WindowStats:
 
         Returns losses (mean raw loss per present term), loss (mean weighted total), weights, cos
         (mean cosine per term pair), fired (stage-1 / stage-2 projection counts per distillation
-        term), samples, and ``nonfinite_key`` (first sample with a NaN/inf loss, or None).
+        term), samples, and ``nonfinite_key`` (first sample with a NaN/inf loss, or None); with
+        per-term gradients also their norms (``grad_norms``).
         """
         flat = torch.cat([self.loss_sum, self.count, self.total[None], self.cos_sum.flatten(),
                           self.cos_count.flatten(), self.fired.flatten(), weights.detach().float().to(self.device),
-                          torch.stack(self.finite).float()])
+                          self.norm_sum, self.norm_count, torch.stack(self.finite).float()])
         values = flat.tolist()  # the one device->host sync of an optimizer step
         loss_sum, count, total = values[0:4], values[4:8], values[8]
         cos_sum, cos_count = values[9:25], values[25:41]
-        fired, used, finite = values[41:47], values[47:51], values[51:]
+        fired, used, finite = values[41:47], values[47:51], values[59:]
+        norm_sum, norm_count = values[51:55], values[55:59]
         n = len(self.keys)
-        pairs = {f"{TERM_ORDER[i]}/{TERM_ORDER[j]}": cos_sum[4 * i + j] / cos_count[4 * i + j]
+        pairs = {f"{LOSS_TERMS[i]}/{LOSS_TERMS[j]}": cos_sum[4 * i + j] / cos_count[4 * i + j]
                  for i in range(4) for j in range(i + 1, 4) if cos_count[4 * i + j]}
         bad = [key for key, ok in zip(self.keys, finite) if not ok]
         return {"samples": n, "loss": total / max(1, n),
-                "losses": {t: loss_sum[i] / count[i] for i, t in enumerate(TERM_ORDER) if count[i]},
-                "weights": {t: used[i] for i, t in enumerate(TERM_ORDER) if used[i]},
+                "losses": {t: loss_sum[i] / count[i] for i, t in enumerate(LOSS_TERMS) if count[i]},
+                "weights": {t: used[i] for i, t in enumerate(LOSS_TERMS) if used[i]},
                 "cos": pairs,
-                "fired": {"anchor": dict(zip(DISTILL_TERMS, fired[0:3])), "pairwise": dict(zip(DISTILL_TERMS,
+                "fired": {"anchor": dict(zip(TERMS, fired[0:3])), "pairwise": dict(zip(TERMS,
                                                                                               fired[3:6]))},
+                **grad_norms(norm_sum, norm_count, used),
                 "nonfinite_key": bad[0] if bad else None}
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated CUDA memory of ``device``, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+def grad_norms(norm_sum: list[float], norm_count: list[float], lambdas: list[float]) -> dict:
+    """The window's gradient-norm keys of a metrics row (none without per-term gradients).
+
+    ``grad_norm[t]``: mean over the micro-steps where t was present of ``|grad L_t|`` (unweighted, raw
+    loss); ``grad_norm_weighted[t]``: ``lambda_t * grad_norm[t]`` (the lambda in force, before the
+    per-capability mix factor); ``grad_ratio[t]`` / ``grad_ratio_weighted[t]``: those of a distillation
+    term divided by CE's. Inputs are [4] lists in LOSS_TERMS."""
+    mean = {t: norm_sum[i] / norm_count[i] for i, t in enumerate(LOSS_TERMS) if norm_count[i]}
+    if "ce" not in mean:
+        return {}
+    weighted = {t: lambdas[LOSS_TERMS.index(t)] * n for t, n in mean.items()}
+    ratio = lambda values: {t: v / values["ce"] if values["ce"] else float("inf")  # noqa: E731
+                            for t, v in values.items() if t != "ce"}
+    return {"grad_norm": mean, "grad_norm_weighted": weighted, "grad_ratio": ratio(mean),
+            "grad_ratio_weighted": ratio(weighted)}
 
 
 class JsonlLog:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-CAPABILITIES = ("perception", "reasoning", "planning")
-TERMS = ("p", "r", "d")
+from schemas.method import CAPABILITIES, LOSS_TERMS, TERMS
+
 DEFAULT_MIX = {
     "perception": (0.8, 0.1, 0.1),
     "reasoning": (0.1, 0.8, 0.1),
@@ -53,30 +53,25 @@ def normalise_mix(mix: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, 
     return out
 
 
-def term_weights(
-    capability: str,
-    mix: Mapping[str, Sequence[float]],
-    *,
-    lam_ce: float = 1.0,
-    lam_p: float = 1.0,
-    lam_r: float = 1.0,
-    lam_d: float = 1.0,
-) -> dict[str, float]:
+def term_weights(capability: str, mix: Mapping[str, Sequence[float]], lams: Mapping[str, float]) -> dict[str, float]:
     """Static weights of the loss terms of one sample of ``capability``.
 
-    ``{"ce": lam_ce, "p": w[0]*lam_p, "r": w[1]*lam_r, "d": w[2]*lam_d}`` with ``w`` the
+    ``lams``: one lambda per term of LOSS_TERMS (``schemas.method.lambdas(loss_config)``).
+    Returns ``{"ce": lam_ce, "p": w[0]*lam_p, "r": w[1]*lam_r, "d": w[2]*lam_d}`` with ``w`` the
     normalised mix row of the capability; terms whose weight is 0 are omitted.
 
     Raises:
-        ValueError: unknown capability, an invalid mix (see ``normalise_mix``) or a negative lambda.
+        ValueError: unknown capability, an invalid mix (see ``normalise_mix``), a missing or negative lambda.
     """
-    lams = {"ce": lam_ce, "p": lam_p, "r": lam_r, "d": lam_d}
+    missing = [t for t in LOSS_TERMS if t not in lams]
+    if missing:
+        raise ValueError(f"lambdas for terms {missing} are missing; give one per term of {list(LOSS_TERMS)}")
     negative = {k: v for k, v in lams.items() if v < 0}
     if negative:
         raise ValueError(f"loss lambdas must be >= 0, got {negative}")
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}; expected one of {list(CAPABILITIES)}")
     row = normalise_mix(mix)[capability]
-    weights = {"ce": float(lam_ce)}
+    weights = {"ce": float(lams["ce"])}
     weights.update({t: w * float(lams[t]) for t, w in zip(TERMS, row)})
     return {k: v for k, v in weights.items() if v != 0}

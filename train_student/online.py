@@ -16,14 +16,13 @@ import torch
 from torch import Tensor
 
 from pipeline.attention.layout import TilingPolicy, build_layout
-from pipeline.attention.maps import group_mean, resolve_layer_range, tv_block
+from pipeline.attention.maps import group_mean, tv_block
 from pipeline.data.shards import iter_shard
 from pipeline.models.load import decoder_layers, load_model, resolve_model
 from pipeline.models.processors import family_of, load_processor
+from schemas.method import ROLE_TERM, TERM_ROLE, LayerPlan
 from train_student.data import DataError, TrainItem
-from train_student.step import LayerPlan, autocast_context, student_losses
-
-TERM_ROLE = {"p": "perception", "r": "reasoning", "d": "planning"}
+from train_student.step import autocast_context, student_losses
 
 
 class OnlineTeacher:
@@ -31,9 +30,7 @@ class OnlineTeacher:
 
     def __init__(self, model, *, plan: LayerPlan, mid_start: int, mid_end: int):
         self.model = model.eval().requires_grad_(False)
-        num_layers = decoder_layers(model)
-        self.penult = num_layers - 2
-        self.mid = resolve_layer_range(mid_start, mid_end, num_layers)
+        self.layers = LayerPlan.for_model(decoder_layers(model), mid_start, mid_end)
         self.k = len(plan.mid)
 
     @torch.no_grad()
@@ -42,12 +39,12 @@ class OnlineTeacher:
         attentions = self.model(**inputs, use_cache=False, output_attentions=True, logits_to_keep=1).attentions
         head_mean = lambda layer: attentions[layer][0].float().mean(0)  # noqa: E731
         targets = {}
-        if "perception" in roles:
-            targets["perception"] = tv_block(head_mean(0), is_vision)
-        if "planning" in roles:
-            targets["planning"] = tv_block(head_mean(self.penult), is_vision)
-        if "reasoning" in roles:
-            targets["reasoning"] = group_mean(torch.stack([head_mean(layer) for layer in self.mid]), self.k)
+        for role in roles:
+            layers = self.layers.term_layers(ROLE_TERM[role])
+            if ROLE_TERM[role] == "r":
+                targets[role] = group_mean(torch.stack([head_mean(layer) for layer in layers]), self.k)
+            else:
+                targets[role] = tv_block(head_mean(layers[0]), is_vision)
         return targets
 
 
@@ -82,6 +79,7 @@ class OnlineForward:
     plan: LayerPlan
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    loss_kind: str = "mse"
 
     def __call__(self, item: TrainItem, terms) -> dict[str, Tensor]:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in item.inputs.items()}
@@ -90,7 +88,8 @@ class OnlineForward:
         with autocast_context(self.device, self.autocast_dtype):
             out = self.model(**inputs, use_cache=False, output_attentions=True, logits_to_keep=keep)
         maps = {layer: out.attentions[layer][0].float().mean(0) for layer in self.plan.layers(terms)}
-        return student_losses(out.logits, maps, replace(item, targets=targets), self.plan, terms, self.device)
+        return student_losses(out.logits, maps, replace(item, targets=targets), self.plan, terms, self.device,
+                              self.loss_kind)
 
 
 # ---------------------------------------------------------------- per-parameter AGP (reference layout)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TERM_ORDER = ("ce", "p", "r", "d")
+from schemas.method import LOSS_TERMS
+
 W_EPS, W_MIN, W_MAX = 1e-8, 1e-6, 1e6
 ADAM_EPS = 1e-8
 LOSS0_FLOOR = 1e-12
@@ -34,8 +35,11 @@ _STATE_KEYS = (
 
 
 def _inverse_softplus(w: Tensor) -> Tensor:
-    """``a`` with ``softplus(a) = w`` for ``w > 0`` (expm1 floored at 1e-20)."""
-    return torch.log(torch.expm1(w).clamp_min(1e-20))
+    """``a`` with ``softplus(a) = w`` for ``w > 0`` (expm1 floored at 1e-20); above 20 the equivalent
+    ``w + log(-expm1(-w))``, as expm1 overflows float32 beyond ~88 (a static weight of 100 became inf)."""
+    large = w > 20
+    return torch.where(large, w + torch.log(-torch.expm1(-w.clamp_min(20))),
+                       torch.log(torch.expm1(w.clamp_max(20)).clamp_min(1e-20)))
 
 
 class LossReweighter:
@@ -49,6 +53,10 @@ class LossReweighter:
         lr, betas: AdamW hyper-parameters for ``a`` (weight decay 0, eps 1e-8).
         ce_floor: lower bound of ``w_ce``.
         device: where the state lives (that of the losses and norms passed to ``observe``).
+        shares: ``{term: share}`` of the weighted gradient norm each term is steered towards
+            (normalised over the present terms); None: the static weights (METHOD §6). With
+            ``loss.scale=balanced`` the observed norms are those of the calibrated units and the
+            shares ``{ce: 1, c: balance_ratio[c]}``, the calibration's own target (``set_shares``).
     """
 
     def __init__(
@@ -60,11 +68,12 @@ class LossReweighter:
         betas: tuple[float, float] = (0.9, 0.99),
         ce_floor: float = 0.6,
         device: torch.device | str = "cpu",
+        shares: dict[str, float] | None = None,
     ):
         problems = []
-        unknown = sorted(set(static) - set(TERM_ORDER))
+        unknown = sorted(set(static) - set(LOSS_TERMS))
         if unknown:
-            problems.append(f"unknown terms {unknown}; terms are {list(TERM_ORDER)}")
+            problems.append(f"unknown terms {unknown}; terms are {list(LOSS_TERMS)}")
         bad = {k: v for k, v in static.items() if not (math.isfinite(v) and v >= 0)}
         if bad:
             problems.append(f"static weights must be finite and >= 0, got {bad}")
@@ -78,13 +87,14 @@ class LossReweighter:
             problems.append(f"ce_floor must be >= 0, got {ce_floor}")
         if problems:
             raise ValueError("invalid LossReweighter settings: " + "; ".join(problems))
-        self.terms = [t for t in TERM_ORDER if static.get(t, 0.0) > 0]
+        self.terms = [t for t in LOSS_TERMS if static.get(t, 0.0) > 0]
         self.alpha, self.lr, self.betas, self.ce_floor = float(alpha), float(lr), betas, ce_floor
         self.device = torch.device(device)
         k = len(self.terms)
         self.static = torch.tensor([static[t] for t in self.terms], device=self.device)
         self.is_ce = torch.tensor([t == "ce" for t in self.terms], device=self.device)
         zeros = torch.zeros(k, device=self.device)
+        self.shares = self.static if shares is None else self._vector(shares, "shares")
         self.state = {
             "a": _inverse_softplus(self.static.clamp(W_MIN, W_MAX)),
             "exp_avg": zeros.clone(),
@@ -97,6 +107,15 @@ class LossReweighter:
             "count": zeros.clone(),
             "micro_steps": torch.zeros((), device=self.device),
         }
+
+    def _vector(self, values: dict[str, float], what: str) -> Tensor:
+        if set(values) != set(self.terms) or not all(math.isfinite(v) and v > 0 for v in values.values()):
+            raise ValueError(f"{what} must give a finite value > 0 for each of the terms {self.terms}, got {values}")
+        return torch.tensor([float(values[t]) for t in self.terms], device=self.device)
+
+    def set_shares(self, shares: dict[str, float]) -> None:
+        """New target shares (``loss.scale=balanced``: ``{ce: 1, t: balance_ratio}``, once calibrated)."""
+        self.shares = self._vector(shares, "shares")
 
     def _weight_vector(self, a: Tensor) -> Tensor:
         """``[K]`` weights from ``a: [K]``: clamp(softplus(a) + 1e-8, 1e-6, 1e6), CE floored."""
@@ -134,8 +153,8 @@ class LossReweighter:
         zeros = torch.zeros_like(mean_norm)
         big_g = torch.where(present, self._weight_vector(a) * mean_norm, zeros)
         g_sum = big_g.sum()
-        static = torch.where(present, self.static, torch.zeros_like(self.static))
-        target = static / static.sum().clamp_min(W_MIN) * g_sum
+        shares = torch.where(present, self.shares, torch.zeros_like(self.shares))
+        target = shares / shares.sum().clamp_min(W_MIN) * g_sum
         if self.alpha != 0.0:
             ratio = mean_loss / self.state["loss0"].clamp_min(LOSS0_FLOOR)
             ratio = torch.where(present, ratio, torch.zeros_like(ratio))

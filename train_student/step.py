@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.attention.capture import AttentionCapture
-from pipeline.attention.maps import resolve_layer_range, tril_to_dense, tv_block
+from pipeline.attention.maps import tril_to_dense, tv_block
+from schemas.method import LOSS_TERMS, TERM_ROLE, TERMS, LayerPlan, lambdas
 from train_student.agp import NORM_FLOOR, GradBank, agp_step
 from train_student.data import TrainItem
-from train_student.losses import masked_tv_mse, reasoning_mse
-from train_student.metrics import TERM_ORDER, WindowStats
-from train_student.mixing import TERMS, normalise_mix
+from train_student.losses import attention_losses
+from train_student.metrics import WindowStats
+from train_student.mixing import normalise_mix
 from train_student.reweight import LossReweighter
 
 IGNORE_INDEX = -100
@@ -37,31 +38,6 @@ IGNORE_INDEX = -100
 
 class NonFiniteLossError(RuntimeError):
     """A NaN/inf loss or gradient: training stops before the optimizer step (nothing is saved)."""
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Student decoder layers the terms read: p -> 0, d -> L-2, r -> the intermediate range."""
-
-    num_layers: int
-    mid: tuple[int, ...]
-
-    @classmethod
-    def for_student(cls, num_layers: int, mid_start: int, mid_end: int) -> LayerPlan:
-        if num_layers < 2:
-            raise ValueError(f"the student has {num_layers} decoder layer(s); the planning term needs at least 2")
-        return cls(num_layers, tuple(resolve_layer_range(mid_start, mid_end, num_layers)))
-
-    @property
-    def penult(self) -> int:
-        return self.num_layers - 2
-
-    def layers(self, terms) -> list[int]:
-        """Sorted layers to capture for ``terms`` (subset of p, r, d)."""
-        layers = set(self.mid) if "r" in terms else set()
-        layers |= {0} if "p" in terms else set()
-        layers |= {self.penult} if "d" in terms else set()
-        return sorted(layers)
 
 
 # ---------------------------------------------------------------- loss terms
@@ -76,8 +52,8 @@ def answer_ce(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def distill_losses(maps: dict[int, Tensor], is_vision: Tensor, targets: dict[str, Tensor], plan: LayerPlan,
-                   terms) -> dict[str, Tensor]:
-    """Raw attention losses of ``terms``.
+                   terms, kind: str = "mse") -> dict[str, Tensor]:
+    """Raw attention losses of ``terms``, of ``kind`` (``loss.kind``: mse, kl or cosine).
 
     Args:
         maps: layer -> student head-mean map ``[S, S]`` (with gradients).
@@ -85,26 +61,27 @@ def distill_losses(maps: dict[int, Tensor], is_vision: Tensor, targets: dict[str
         targets: role -> target; perception / planning ``[n_text, n_vision]``; reasoning ``[k, S, S]``
             or packed lower triangles ``[k, S*(S+1)/2]``.
     """
+    tv_loss, maps_loss = attention_losses(kind)
     losses = {}
-    if "p" in terms:
-        losses["p"] = masked_tv_mse(tv_block(maps[0], is_vision), targets["perception"])
-    if "d" in terms:
-        losses["d"] = masked_tv_mse(tv_block(maps[plan.penult], is_vision), targets["planning"])
+    for term in (t for t in ("p", "d") if t in terms):
+        (layer,) = plan.term_layers(term)
+        losses[term] = tv_loss(tv_block(maps[layer], is_vision), targets[TERM_ROLE[term]])
     if "r" in terms:
-        student = torch.stack([maps[layer] for layer in plan.mid])
-        target = targets["reasoning"]
+        student = torch.stack([maps[layer] for layer in plan.term_layers("r")])
+        target = targets[TERM_ROLE["r"]]
         if target.dim() == 2:
             target = tril_to_dense(target, student.shape[-1])
-        losses["r"] = reasoning_mse(student, target)
+        losses["r"] = maps_loss(student, target)
     return losses
 
 
 def student_losses(logits: Tensor, maps: dict[int, Tensor], item: TrainItem, plan: LayerPlan, terms,
-                   device: torch.device) -> dict[str, Tensor]:
+                   device: torch.device, kind: str = "mse") -> dict[str, Tensor]:
     """``ce`` from logits ``[1, K, V]`` kept from ``answer_start - 1`` on, plus the attention terms."""
     labels = item.labels[item.answer_start:].to(device, non_blocking=True)
     targets = {role: t.to(device, non_blocking=True) for role, t in item.targets.items()}
-    return {"ce": answer_ce(logits[0, :-1], labels), **distill_losses(maps, item.is_vision, targets, plan, terms)}
+    return {"ce": answer_ce(logits[0, :-1], labels),
+            **distill_losses(maps, item.is_vision, targets, plan, terms, kind)}
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -120,6 +97,7 @@ class CapturedForward:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     recompute_attention: bool = False
+    loss_kind: str = "mse"
 
     def __call__(self, item: TrainItem, terms) -> dict[str, Tensor]:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in item.inputs.items()}
@@ -128,33 +106,44 @@ class CapturedForward:
                 AttentionCapture(self.model, self.plan.layers(terms), recompute=self.recompute_attention) as cap:
             out = self.model(**inputs, use_cache=False, logits_to_keep=keep)
         maps = {layer: m[0] for layer, m in cap.maps.items()}
-        return student_losses(out.logits, maps, item, self.plan, terms, self.device)
+        return student_losses(out.logits, maps, item, self.plan, terms, self.device, self.loss_kind)
 
 
 # ---------------------------------------------------------------- weights
 class TermWeights:
-    """Per-sample term weights from the lambdas (static, or learned by ``reweighter``) and the mix."""
+    """Per-sample term weights from the lambdas (static, or learned by ``reweighter``, times the units
+    of a ``loss.scale=balanced`` calibration, ``set_units``) and the mix."""
 
     def __init__(self, loss_config, terms: list[str], device: torch.device, reweighter: LossReweighter | None = None):
-        lams = {"ce": loss_config.lam_ce, "p": loss_config.lam_p, "r": loss_config.lam_r, "d": loss_config.lam_d}
+        lams = lambdas(loss_config)
         self.static = {t: float(lams[t]) for t in ["ce", *terms] if lams[t] > 0}
         self.mix = normalise_mix(loss_config.mix)
         self.device, self.reweighter = device, reweighter
+        self.units = torch.ones(len(LOSS_TERMS), device=device)
         self._per_capability: dict[str, tuple[list[str], Tensor, Tensor]] = {}
         self._lambdas: Tensor | None = None
 
     def lambdas(self) -> Tensor:
-        """``[4]`` current lambdas in TERM_ORDER (0 for inactive terms), on the device."""
+        """``[4]`` current lambdas in LOSS_TERMS (0 for inactive terms), on the device: the static or
+        learned weights times the calibrated units (1 unless ``loss.scale=balanced``)."""
         if self._lambdas is None:
             learned = self.reweighter.weights() if self.reweighter is not None else {}
             zero = torch.zeros((), device=self.device)
             self._lambdas = torch.stack([learned[t] if t in learned else zero + self.static.get(t, 0.0)
-                                         for t in TERM_ORDER])
+                                         for t in LOSS_TERMS]) * self.units
         return self._lambdas
 
     def refresh(self) -> None:
         """Forget the cached lambdas (after a reweighting step)."""
         self._lambdas = None
+
+    def set_units(self, units: dict[str, float]) -> None:
+        """Per-term factors on the static / learned weights (``loss.scale=balanced``: calibrated lambda
+        over configured lambda), for the terms of this run."""
+        if set(units) != set(self.static):
+            raise ValueError(f"units for terms {sorted(units)}, this run has {sorted(self.static)}")
+        self.units = torch.tensor([float(units.get(t, 1.0)) for t in LOSS_TERMS], device=self.device)
+        self.refresh()
 
     def for_sample(self, capability: str) -> tuple[list[str], Tensor, Tensor]:
         """(present terms, ``[n]`` term ids, ``[n]`` weights) for a sample of ``capability``;
@@ -162,7 +151,7 @@ class TermWeights:
         if capability not in self._per_capability:
             row = dict(zip(TERMS, self.mix[capability]))
             present = ["ce"] + [t for t in TERMS if t in self.static and row[t] > 0]
-            ids = torch.tensor([TERM_ORDER.index(t) for t in present], device=self.device)
+            ids = torch.tensor([LOSS_TERMS.index(t) for t in present], device=self.device)
             factors = torch.tensor([1.0] + [row[t] for t in present[1:]], device=self.device)
             self._per_capability[capability] = (present, ids, factors)
         present, ids, factors = self._per_capability[capability]
@@ -197,7 +186,7 @@ class MicroStepper:
             raise ValueError("AGP needs a gradient bank and an order generator")
         self.forward, self.weights, self.params, self.scale = forward, weights, params, scale
         self.bank, self.combine, self.agp, self.generator = bank, combine, agp, generator
-        self.stats = WindowStats(device)
+        self.stats = WindowStats(device, loss_scale=scale)
 
     @property
     def window_size(self) -> int:
@@ -217,9 +206,9 @@ class MicroStepper:
             (losses[term] * self.scale).backward(retain_graph=row < n - 1)
             self.bank.store(row)
         stats = self.combine(self.bank, n, self.generator, weights, self.agp)
-        if self.weights.reweighter is not None:
+        if self.weights.reweighter is not None:  # norms in calibrated units: the reweighter learns a factor on them
             self.weights.reweighter.observe({t: losses[t] for t in present},
-                                            dict(zip(present, stats["norms"].unbind())))
+                                            dict(zip(present, (stats["norms"] * self.weights.units[ids]).unbind())))
         self.stats.add(item.key, ids, raw, total, stats)
 
     def finish_window(self, step: int) -> dict:

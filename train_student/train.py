@@ -19,26 +19,20 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from pipeline.attention.capture import enable_capture
 from pipeline.data.shards import ShardError
+from pipeline.measure.results import PeakMemory
 from pipeline.models.load import load_model, resolve_model
 from pipeline.models.processors import family_of, load_processor
 from schemas.checkpoint import LoopState
+from schemas.method import LayerPlan
 from train_student import config as cfg
-from train_student.agp import GradBank
 from train_student.checkpoint import CheckpointError, find_checkpoint, read_meta, restore_state, save_checkpoint
 from train_student.data import DataError, DataSource, make_loader, open_source
-from train_student.metrics import JsonlLog, peak_memory_gb
+from train_student.metrics import JsonlLog
 from train_student.reweight import LossReweighter
-from train_student.step import (
-    CapturedForward,
-    LayerPlan,
-    MicroStepper,
-    NonFiniteLossError,
-    TermWeights,
-    bank_combine,
-    prepare_student,
-)
+from train_student.scale import InertTerms, apply_calibration, calibrate, first_window
+from train_student.setup import build_trainer
+from train_student.step import MicroStepper, NonFiniteLossError
 
 USER_ERRORS = (cfg.ConfigError, DataError, ShardError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
@@ -65,6 +59,10 @@ class Session:
     saved_step: int = -1
     window_start: float = 0.0
     done: bool = False
+    calibration: dict | None = None
+    inert: InertTerms = field(default_factory=InertTerms)
+    memory: PeakMemory | None = None
+    """peak memory since training started (``peak_memory_gib`` of every metrics row)."""
 
 
 def prepare_run_dir(out: str) -> Path:
@@ -89,62 +87,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for bf16, and for auto on GPU; None (fp32) otherwise. Weights stay fp32."""
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
-
-
-def cosine_schedule(optimizer, *, total_steps: int, warmup: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then ``max(floor, 0.5 * (1 + cos(pi * progress)))`` of the base lr (reference)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return max(floor, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def static_lambdas(loss: cfg.LossConfig, terms: list[str]) -> dict[str, float]:
-    lams = {"ce": loss.lam_ce, "p": loss.lam_p, "r": loss.lam_r, "d": loss.lam_d}
-    return {t: lams[t] for t in ["ce", *terms] if lams[t] > 0}
-
-
-def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, teacher=None):
-    """The micro-step machinery: forward (cached, or online with ``teacher``), term weights,
-    reweighter, gradient bank and AGP order generator."""
-    m, terms = config.method, config.terms
-    reweighter = None
-    if m.reweight and terms:
-        reweighter = LossReweighter(static_lambdas(config.loss, terms), alpha=m.reweight_alpha, lr=m.reweight_lr,
-                                    ce_floor=m.ce_floor, device=device)
-    weights = TermWeights(config.loss, terms, device, reweighter)
-    generator = torch.Generator().manual_seed(config.run.seed) if m.agp else None
-    dtype = autocast_dtype(config.model.precision, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bank, combine = None, bank_combine
-    if teacher is not None:
-        from train_student.online import OnlineForward, ParameterGrads, per_parameter_combine
-
-        forward = OnlineForward(model, teacher, plan, device, dtype)
-        if m.agp or m.reweight:
-            bank, combine = ParameterGrads(params), per_parameter_combine
-    else:
-        forward = CapturedForward(model, plan, device, dtype, config.model.recompute_attention)
-        if m.agp or m.reweight:
-            bank = GradBank(params, 1 + len(terms), dtype=torch.bfloat16 if m.bank_dtype == "bf16" else torch.float32)
-    stepper = MicroStepper(forward=forward, weights=weights, params=params, device=device,
-                           scale=1.0 / config.optim.grad_accum, bank=bank, combine=combine, agp=m.agp,
-                           generator=generator)
-    return stepper, reweighter, generator
-
-
 # ================================================================ setup
 def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
     # ---------------------------------------------------------------- run directory, resume point
     run_dir = prepare_run_dir(config.run.out)
     checkpoint = find_checkpoint(run_dir, resume)
-    loop = read_meta(checkpoint, config.to_dict())[1] if checkpoint else LoopState()
+    meta, loop = read_meta(checkpoint, config.to_dict()) if checkpoint else ({}, LoopState())
     cfg.save(config, run_dir / "config.yaml")
     # ---------------------------------------------------------------- device and seeds
     device = pick_device(config.run.device)
@@ -154,7 +102,7 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
     family = family_of(student_dir)
     num_layers = AutoConfig.from_pretrained(student_dir).get_text_config().num_hidden_layers
     try:
-        plan = LayerPlan.for_student(num_layers, config.loss.mid_start, config.loss.mid_end)
+        plan = LayerPlan.for_model(num_layers, config.loss.mid_start, config.loss.mid_end)
     except ValueError as err:
         raise cfg.ConfigError(f"loss.mid_start/mid_end for {config.model.student}: {err}") from err
     source = open_source(config, student_dir=student_dir, family=family, num_layers=num_layers)
@@ -169,25 +117,23 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
                             source.joiner.tiling)
         teacher = load_online_teacher(config.model.online_teacher, student_family=family, plan=plan,
                                       mid_start=config.loss.mid_start, mid_end=config.loss.mid_end, device=device)
-    else:
-        enable_capture(model)
-    summary = prepare_student(model, freeze_vision=config.model.freeze_vision,
-                              gradient_checkpointing=config.model.gradient_checkpointing,
-                              captured=plan.layers(config.terms))
     # ---------------------------------------------------------------- method, optimizer, schedule
-    stepper, reweighter, generator = build_stepper(config, model, plan, device, teacher=teacher)
     o = config.optim
-    optimizer = torch.optim.AdamW(stepper.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     total = sum(math.ceil(source.epoch_samples(e) / o.grad_accum) for e in range(o.epochs))
-    scheduler = cosine_schedule(optimizer, total_steps=total, warmup=o.warmup_steps, floor=o.lr_floor)
-    # ---------------------------------------------------------------- resume
+    parts = build_trainer(config, model, plan, device, total_steps=total, teacher=teacher)
+    stepper, optimizer, scheduler = parts.stepper, parts.optimizer, parts.scheduler
+    reweighter, generator, summary = parts.reweighter, parts.generator, parts.summary
+    # ---------------------------------------------------------------- resume (the calibration before the reweighter)
+    calibration = meta.get("calibration")
+    if calibration:
+        apply_calibration(calibration, stepper.weights, reweighter)
     if checkpoint:
         restore_state(checkpoint, optimizer=optimizer, scheduler=scheduler, reweighter=reweighter,
                       generator=generator)
     session = Session(config=config, run_dir=run_dir, device=device, model=model,
                       processor=load_processor(student_dir), source=source, stepper=stepper, optimizer=optimizer,
                       scheduler=scheduler, reweighter=reweighter, generator=generator, loop=loop, total_steps=total,
-                      saved_step=loop.step if checkpoint else -1,
+                      saved_step=loop.step if checkpoint else -1, calibration=calibration,
                       logs={n: JsonlLog(run_dir / n, keep_bytes=loop.log_bytes[n]) for n in loop.log_bytes})
     report_setup(session, plan, summary, checkpoint)
     return session
@@ -195,8 +141,8 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
 
 def report_setup(s: Session, plan: LayerPlan, model_summary: str, checkpoint: Path | None) -> None:
     c = s.config
-    mode = ("SFT (CE only)" if c.loss.sft else f"terms {['ce', *c.terms]}, AGP {'on' if c.method.agp else 'off'}, "
-            f"reweighting {'on' if c.method.reweight else 'off'}")
+    mode = ("SFT (CE only)" if c.loss.sft else f"terms {['ce', *c.terms]} (loss {c.loss.kind}, scale {c.loss.scale}), "
+            f"AGP {'on' if c.method.agp else 'off'}, reweighting {'on' if c.method.reweight else 'off'}")
     source = f"ONLINE TEACHER {c.model.online_teacher} (ablation)" if c.model.online_teacher else \
         f"caches {c.data.caches}" if c.data.caches else "no cache"
     print(f"train_student: {c.model.student} ({plan.num_layers} layers, capture {plan.layers(c.terms)}) on "
@@ -217,8 +163,10 @@ def optimizer_step(s: Session, bar: tqdm) -> None:
     rate = summary["samples"] / max(now - s.window_start, 1e-9)
     s.window_start = now
     row = {"step": step, "epoch": s.loop.epoch, "lr": lr, **{k: v for k, v in summary.items() if k != "nonfinite_key"},
-           "samples_per_s": rate, "peak_mem_gb": peak_memory_gb(s.device)}
+           "samples_per_s": rate, "peak_memory_gib": s.memory.read_gib(),
+           **({"calibration": s.calibration} if step == 1 and s.calibration else {})}
     s.logs["metrics.jsonl"].write(row)
+    s.inert.check(row)
     write_samples(s, step)
     bar.update(1)
     bar.set_postfix(loss=f"{summary['loss']:.4f}", samples_s=f"{rate:.2f}")
@@ -238,17 +186,36 @@ def checkpoint(s: Session) -> Path:
     s.loop.log_bytes = {name: log.size() for name, log in s.logs.items()}
     path = save_checkpoint(s.run_dir, model=s.model, processor=s.processor, optimizer=s.optimizer,
                            scheduler=s.scheduler, reweighter=s.reweighter, generator=s.generator, loop=s.loop,
-                           config=s.config.to_dict(), keep_last=s.config.run.keep_last)
+                           config=s.config.to_dict(), keep_last=s.config.run.keep_last, calibration=s.calibration)
     s.saved_step = s.loop.step
     return path
 
 
+def calibrate_scale(s: Session) -> None:
+    """``loss.scale=balanced``, fresh run: calibrate the lambdas on the first window's samples (which the
+    loop then trains on with them) and apply them (train_student.scale)."""
+    c = s.config
+    loader = make_loader(s.source, epoch=s.loop.epoch, start=s.loop.position, num_workers=c.data.num_workers,
+                         pin_memory=s.device.type == "cuda")
+    items = first_window(loader, c.optim.grad_accum)
+    try:
+        s.calibration = calibrate(s.stepper.forward, s.stepper.weights, s.stepper.params, items, c.loss)
+    except ValueError as err:
+        raise cfg.ConfigError(str(err)) from err
+    apply_calibration(s.calibration, s.stepper.weights, s.reweighter)
+    lams = ", ".join(f"lam_{t}={v:.4g}" for t, v in s.calibration["lambdas"].items())
+    print(f"train_student: loss.scale=balanced calibrated on {len(items)} samples: {lams} "
+          f"(ratios to CE {s.calibration['ratios']})", file=sys.stderr)
+
+
 def train(s: Session) -> None:
     c = s.config
+    if c.loss.scale == "balanced" and c.terms and s.calibration is None:
+        calibrate_scale(s)
     limit = min(s.total_steps, c.run.max_steps or s.total_steps)
     s.done = s.loop.epoch >= c.optim.epochs or (c.run.max_steps is not None and s.loop.step >= c.run.max_steps)
-    with tqdm(total=limit, initial=min(s.loop.step, limit), unit="step", disable=not c.run.progress,
-              dynamic_ncols=True, desc="training") as bar:
+    with PeakMemory(s.device) as s.memory, tqdm(total=limit, initial=min(s.loop.step, limit), unit="step",
+                                                 disable=not c.run.progress, dynamic_ncols=True, desc="training") as bar:
         while not s.done and s.loop.epoch < c.optim.epochs:
             s.window_start = time.perf_counter()
             loader = make_loader(s.source, epoch=s.loop.epoch, start=s.loop.position,

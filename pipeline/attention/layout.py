@@ -111,11 +111,13 @@ def _messages(record: QARecord) -> list[dict]:
 
 
 def _processor_kwargs(processor, tiling: TilingPolicy) -> dict:
+    """The one-tile policy as explicit processor arguments (the real checkpoints' defaults differ)."""
     if _family(processor) == "internvl":
         return {"crop_to_patches": tiling.max_tiles > 1, "max_patches": tiling.max_tiles}
     if tiling.max_tiles != 1:
         raise ValueError(f"tiling max_tiles={tiling.max_tiles}: Qwen2.5-VL has no tiling; use max_tiles=1")
-    return {}
+    pixels = tiling.tile_size * tiling.tile_size  # fixes the real checkpoints' 3136..12845056 pixel range
+    return {"size": {"shortest_edge": pixels, "longest_edge": pixels}}
 
 
 def _spans(mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -177,15 +179,19 @@ def _tile_images(images: list[Image.Image], tiling: TilingPolicy) -> list[Image.
 
 
 def build_prompt(record: QARecord, images: list[Image.Image], processor, *,
-                 tiling: TilingPolicy | None = None) -> dict:
+                 tiling: TilingPolicy | None = None, system: str | None = None) -> dict:
     """Model inputs for generation: the same user turn as ``build_layout``, then the assistant header.
 
+    ``system``: text of a system turn put first (evaluation with a benchmark's own system prompt).
     Returns the processor's batch-of-one tensors; the answer is not included.
     """
     if len(images) != len(record.images):
         raise ValueError(f"sample {record.key}: record lists {len(record.images)} images, got {len(images)}")
     tiling = tiling or default_tiling(processor)
-    prompt_text = processor.apply_chat_template(_messages(record)[:1], tokenize=False, add_generation_prompt=True)
+    messages = _messages(record)[:1]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    prompt_text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return dict(processor(text=[prompt_text], images=_tile_images(images, tiling) or None, return_tensors="pt",
                           **_processor_kwargs(processor, tiling)))
 

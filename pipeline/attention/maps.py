@@ -1,42 +1,13 @@
 """Attention-map geometry shared by the teacher cache and the student trainer (METHOD section 3).
 
-Layer ranges and the intermediate layer-group matching, the text-to-vision block, and the packed
-lower triangle in which causal maps are stored. All functions work on torch tensors on any device.
+The intermediate layer-group matching (over ranges that ``schemas.method.LayerPlan`` resolves), the
+text-to-vision block, and the packed lower triangle in which causal maps are stored. All functions work on torch tensors on any device.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def resolve_layer_range(start: int, end: int, num_layers: int) -> list[int]:
-    """Inclusive layer range ``start..end``; negative values count from ``num_layers``.
-
-    The default intermediate range ``start=0, end=-2`` gives ``[0, ..., num_layers - 2]``.
-
-    Raises:
-        ValueError: ``num_layers < 1``, an index outside ``[0, num_layers)`` after resolution, or
-            ``start`` resolving after ``end`` (empty range).
-    """
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    resolved = []
-    for name, spec in (("start", start), ("end", end)):
-        idx = spec if spec >= 0 else num_layers + spec
-        if not 0 <= idx < num_layers:
-            raise ValueError(
-                f"layer {name}={spec} resolves to {idx}, outside [0, {num_layers}) for a model "
-                f"with {num_layers} layers; use a value in [{-num_layers}, {num_layers - 1}]"
-            )
-        resolved.append(idx)
-    lo, hi = resolved
-    if lo > hi:
-        raise ValueError(
-            f"empty layer range: start={start} resolves to {lo} > end={end} resolves to {hi} "
-            f"(num_layers={num_layers}); the range is inclusive and needs start <= end"
-        )
-    return list(range(lo, hi + 1))
 
 
 def _group_starts(k: int, m: int) -> tuple[int, list[int]]:

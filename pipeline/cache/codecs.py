@@ -35,7 +35,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.attention.maps import dense_to_tril
 
@@ -52,9 +52,11 @@ def _blosc(clevel: int) -> BloscCodec:
 
 
 def _create(group: zarr.Group, path: str, data: np.ndarray, clevel: int, attrs=None) -> None:
+    """Every chunk is written (zeros too, so the commit marker's chunk count is exact) and ends with a
+    crc32c checksum that Zarr checks on every read."""
     chunk = max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize))
-    group.create_array(path, data=data, chunks=(chunk,), filters=None, compressors=_blosc(clevel),
-                       attributes=attrs)
+    group.create_array(path, data=data, chunks=(chunk,), filters=None, compressors=[_blosc(clevel), Crc32cCodec()],
+                       attributes=attrs, config={"write_empty_chunks": True})
 
 
 def _as_values(values: np.ndarray, *, non_negative: bool) -> np.ndarray:

@@ -6,14 +6,16 @@
     sample.mid(0)              # dense [S, S] float32
     cache.plot(key, signal="first_tv", data="data/shards")
 
-Only committed shards are visible. Zarr groups are opened lazily, so a reader pickles cheaply into
-DataLoader workers.
+Only committed shards are visible. Opening checks every committed shard (chunk counts and index
+digest against its commit marker, ``pipeline/cache/format.py``); reads check chunk checksums. Any
+damage raises CacheIntegrityError naming the cache, shard, signal and sample. Zarr groups are opened
+lazily, so a reader pickles cheaply into DataLoader workers.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import posixpath
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,33 +28,22 @@ import zarr
 
 from pipeline.attention.maps import tril_to_dense
 from pipeline.cache.codecs import codec_from_description
-from schemas.cache import INDEX_COLUMNS, MANIFEST_NAME, SIGNAL_COLUMNS, CacheManifest, shard_files
-
-
-def row_lengths_for(signal: str, shape) -> np.ndarray:
-    """Stored elements of each row of a sample's block: tv blocks [n_text, n_vision] have rows of
-    n_vision; ``mid`` [n_maps, S*(S+1)/2] holds n_maps packed triangles with rows of 1..S."""
-    if signal == "mid":
-        n_maps, packed = shape
-        size = (math.isqrt(8 * packed + 1) - 1) // 2
-        return np.tile(np.arange(1, size + 1, dtype=np.int64), n_maps)
-    return np.full(shape[0], shape[1], dtype=np.int64)
-
-
-def zarr_store(root: str, relative: str, *, read_only: bool):
-    """Store of the Zarr group at ``root/relative``: a local path, or an fsspec URL (s3://, gs://, ...)."""
-    if "://" not in root or root.startswith("file://"):
-        local = root.removeprefix("file://")
-        return posixpath.join(local, relative)
-    return zarr.storage.FsspecStore.from_url(f"{root.rstrip('/')}/{relative}", read_only=read_only)
-
-
-def part_name(part: int) -> str:
-    return f"part-{part:04d}"
+from pipeline.cache.format import (
+    FIX,
+    CacheIntegrityError,
+    committed_shards,
+    open_shard_group,
+    part_name,
+    read_index_bytes,
+    read_marker,
+    row_lengths_for,
+    shard_problems,
+)
+from schemas.cache import INDEX_COLUMNS, MANIFEST_NAME, SIGNAL_COLUMNS, CacheManifest
 
 
 def open_cache(root: str) -> TeacherCache:
-    """Open the cache at ``root`` (local path or fsspec URL)."""
+    """Open the cache at ``root`` (local path or fsspec URL) and check its committed shards."""
     return TeacherCache(str(root))
 
 
@@ -120,31 +111,37 @@ class TeacherCache:
         self.manifest = CacheManifest.from_json(json.loads(self.fs.cat_file(manifest_path)), source=manifest_path)
         self.codec = codec_from_description(self.manifest.codec)
         self._groups: dict[int, zarr.Group] = {}
+        self.index = self._read_index()  # verified here, in the opening process, not in DataLoader workers
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_groups"] = {}
-        state.pop("index", None)
         return state
 
-    @cached_property
-    def index(self) -> dict[str, dict]:
-        """key -> index row, over committed shards only."""
-        rows = {}
-        markers = self.fs.glob(posixpath.join(self.path, "shards", "shard-*.done"))
-        for marker in sorted(markers):
-            shard = int(posixpath.basename(marker)[len("shard-"):-len(".done")])
-            index_path = posixpath.join(self.path, shard_files(shard)["index"])
-            table = pq.read_table(index_path, filesystem=self.fs)
-            required = set(INDEX_COLUMNS) | {f"{signal}_{suffix}" for signal in self.manifest.signals
-                                             for suffix in SIGNAL_COLUMNS}
-            missing = sorted(required - set(table.column_names))
-            if table.num_rows and missing:
-                raise ValueError(f"{index_path}: index columns {missing} are missing; the shard was not written by "
-                                 "this cache format. Re-create the cache (python -m cache_teacher ... --overwrite).")
-            for row in table.to_pylist():
+    def _read_index(self) -> dict[str, dict]:
+        """key -> index row, over committed shards only; CacheIntegrityError lists every damaged shard."""
+        rows, problems = {}, []
+        for shard in sorted(committed_shards(self.root)):
+            found = shard_problems(self.root, shard)
+            if found:
+                problems += found
+                continue
+            for row in self._index_table(shard).to_pylist():
                 rows[row["key"]] = row
+        if problems:
+            raise CacheIntegrityError("damaged committed shard(s):\n  - " + "\n  - ".join(problems))
         return rows
+
+    def _index_table(self, shard: int):
+        table = pq.read_table(io.BytesIO(read_index_bytes(self.root, shard, read_marker(self.root, shard))))
+        required = set(INDEX_COLUMNS) | {f"{signal}_{suffix}" for signal in self.manifest.signals
+                                         for suffix in SIGNAL_COLUMNS}
+        missing = sorted(required - set(table.column_names))
+        if table.num_rows and missing:
+            raise ValueError(f"cache {self.root}, shard {shard}: index columns {missing} are missing; the shard was "
+                             "not written by this cache format. Re-create the cache (python -m cache_teacher ... "
+                             "--overwrite).")
+        return table
 
     def keys(self) -> list[str]:
         return list(self.index)
@@ -163,17 +160,22 @@ class TeacherCache:
 
     def _group(self, shard: int) -> zarr.Group:
         if shard not in self._groups:
-            store = zarr_store(self.root, shard_files(shard)["group"], read_only=True)
-            self._groups[shard] = zarr.open_group(store=store, mode="r")
+            self._groups[shard] = open_shard_group(self.root, shard)
         return self._groups[shard]
 
     def read_block(self, row: dict, signal: str) -> np.ndarray:
+        """One sample's block of ``signal``; CacheIntegrityError (cache, shard, signal, key) if it does not decode."""
         shape = tuple(row[f"{signal}_shape"])
         start = row[f"{signal}_offset"]
-        node = self._group(row["shard"])[signal]
-        values = self.codec.read(node, part_name(row[f"{signal}_part"]), start=start,
-                                 stop=start + row[f"{signal}_count"], row_start=row[f"{signal}_row_offset"],
-                                 row_lengths=row_lengths_for(signal, shape))
+        try:
+            node = self._group(row["shard"])[signal]
+            values = self.codec.read(node, part_name(row[f"{signal}_part"]), start=start,
+                                     stop=start + row[f"{signal}_count"], row_start=row[f"{signal}_row_offset"],
+                                     row_lengths=row_lengths_for(signal, shape))
+        except Exception as err:  # checksum, blosc, missing file: all mean a damaged shard
+            raise CacheIntegrityError(f"cache {self.root}, shard {row['shard']}, signal {signal}, sample "
+                                      f"{row['key']}: the stored block does not decode ({type(err).__name__}: "
+                                      f"{err}). " + FIX.format(root=self.root)) from err
         return values.reshape(shape)
 
     def plot(self, key: str, *, signal: str = "first_tv", data: str | None = None, query: str = "answer"):

@@ -7,7 +7,7 @@ before it is written again (DESIGN contract 3).
 
 from __future__ import annotations
 
-import json
+import io
 import posixpath
 
 import fsspec
@@ -17,17 +17,11 @@ import pyarrow.parquet as pq
 import zarr
 
 from pipeline.cache.codecs import Codec
-from pipeline.cache.reader import part_name, row_lengths_for, zarr_store
-from schemas.cache import SIGNALS, shard_files
+from pipeline.cache.format import chunk_counts, index_digest, part_name, row_lengths_for, write_marker, zarr_store
+from schemas.cache import CommitMarker, shard_files
+from schemas.method import SIGNALS
 
 FLUSH_BYTES = 512 << 20  # buffered float32 bytes before the writer appends to the Zarr arrays
-
-
-def committed_shards(root: str) -> set[int]:
-    """Indices of the shards whose commit marker exists."""
-    fs, path = fsspec.core.url_to_fs(root)
-    pattern = posixpath.join(path, "shards", "shard-*.done")
-    return {int(posixpath.basename(p)[len("shard-"):-len(".done")]) for p in fs.glob(pattern)}
 
 
 def block_rows_for(signal: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -114,16 +108,15 @@ class CacheShardWriter:
         self.cursor = {s: {"offset": 0, "row_offset": 0} for s in self.signals}
 
     def commit(self) -> dict:
-        """Flush, write the Parquet index, then the marker. Returns the shard's metadata."""
+        """Flush, write the Parquet index, then the marker (chunk counts, index digest). Returns the
+        shard's metadata (the marker's fields)."""
         self.flush()
-        columns = {name: [r[name] for r in self.rows] for name in self.rows[0]} if self.rows else {}
-        if not self.rows:
-            columns = {"key": []}
-        table = pa.table(columns)
+        columns = {name: [r[name] for r in self.rows] for name in self.rows[0]} if self.rows else {"key": []}
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(columns), buffer)
         with self.fs.open(self.files["index"], "wb") as handle:
-            pq.write_table(table, handle)
-        meta = {"shard": self.index, "samples": len(self.rows),
-                "parts": self.part, "elements": dict(self.totals)}
-        with self.fs.open(self.files["marker"], "w") as handle:
-            handle.write(json.dumps(meta))
-        return meta
+            handle.write(buffer.getvalue())
+        marker = CommitMarker(shard=self.index, samples=len(self.rows), parts=self.part, elements=dict(self.totals),
+                              arrays=chunk_counts(self.group), index_sha256=index_digest(buffer.getvalue()))
+        write_marker(self.root, marker)
+        return marker.to_json()

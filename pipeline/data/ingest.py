@@ -23,7 +23,8 @@ import webdataset
 from PIL import Image
 from tqdm import tqdm
 
-from schemas.qa import CAPABILITIES, QARecord, RecordError, parse_records
+from schemas.method import CAPABILITIES
+from schemas.qa import QARecord, RecordError, parse_records
 from schemas.shards import (
     MANIFEST_NAME,
     SHARDS_VERSION,

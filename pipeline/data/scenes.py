@@ -37,8 +37,8 @@ CLOSE_AHEAD = 15.0  # metres: a moving vehicle nearer than this in the ego lane 
 HORIZON = 0.40  # image row of the horizon
 NEAR = 6.0  # metres ahead at which the ground meets the bottom image edge
 FOCAL = 0.5  # image widths per metre of lateral offset at 1 m distance
-OBJECT_GAIN = 1.4  # road users are drawn larger than life so they stay visible in small images
-MIN_BODY = 0.032  # smallest body side; covers >= 3 px from MIN_IMAGE_SIZE up
+OBJECT_GAIN = 2.0  # road users are drawn larger than life so they stay visible in small images
+MIN_BODY = 0.05  # smallest body side; covers >= 4 px from MIN_IMAGE_SIZE up
 MIN_IMAGE_SIZE = 96
 ROAD_EDGE = 5.25  # metres from the ego path to the road edge
 SIDEWALK_EDGE = 9.0
@@ -50,9 +50,10 @@ SHAPES = {
     "motorcycle": (1.0, 1.6, 0.35, 0.85),
     "pedestrian": (0.7, 1.8, 0.22, 0.65),
 }
-LIGHT_BOX = (0.82, 0.05, 0.90, 0.29)
-SIGN_CENTRE, SIGN_RADIUS = (0.13, 0.24), 0.06
-RESERVED = {"light": (0.80, 0.03, 0.92, 0.31), "sign": (0.06, 0.17, 0.20, 0.31)}
+# Traffic light and sign are drawn large (about two vision-patch widths at 112 px) so that their state is salient.
+LIGHT_BOX = (0.80, 0.02, 0.94, 0.38)
+SIGN_CENTRE, SIGN_RADIUS = (0.12, 0.20), 0.09
+RESERVED = {"light": (0.78, 0.0, 0.96, 0.40), "sign": (0.02, 0.10, 0.22, 0.30)}
 
 # Random front-camera situation: each key draws uniformly from its tuple (repeats act as weights).
 SPEC_CHOICES = {
@@ -376,9 +377,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None
     else:
         _draw_vehicle_frame(draw, obj.kind, (x0, y0, x1, y1), body, COLOURS[obj.colour])
     draw.rectangle(body, fill=COLOURS[obj.colour])
-    if obj.kind in VEHICLES and not obj.moving:
-        light_w = max(1, (x1 - x0 + 1) // 4)
-        light_h = max(1, (body_bottom - body_top + 1) // 4)
+    if obj.kind in VEHICLES and not obj.moving:  # large brake lights: a stopped vehicle is easy to tell
+        light_w = max(1, (x1 - x0 + 1) // 3)
+        light_h = max(1, (body_bottom - body_top + 1) // 2)
         for left in (x0, x1 - light_w + 1):
             draw.rectangle((left, body_bottom - light_h + 1, left + light_w - 1, body_bottom), fill=BRAKE)
 

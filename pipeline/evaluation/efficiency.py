@@ -14,9 +14,9 @@ generated token:
 - throughput = generated tokens / generate time, summed over prompts (prefill included);
   decode throughput = tokens after the first / time after the first token.
 Memory: on CUDA, `torch.cuda.max_memory_allocated` from before the model is loaded to the end (weights,
-activations, KV cache), in GB (1e9 bytes). On CPU, the growth of the process's peak resident set size
-(`ru_maxrss`) over the same span, labelled "cpu_peak_rss_delta": coarser (allocator caches, Python
-objects) and 0 when the process had peaked higher before.
+activations, KV cache), in GiB (2^30 bytes; version 1 reports gave GB = 1e9 bytes under `peak_memory_gb`).
+On CPU, the resident set size's high-water above its value at the start ("cpu_rss_above_start",
+`pipeline.measure.results.PeakMemory`): coarser (allocator caches, Python objects).
 
 `--real-shape NAME` needs no checkpoint: it builds a random-initialised model with NAME's published
 shapes (`pipeline.models.real_config`) directly on the device, and, since the real tokenizer is not
@@ -32,7 +32,6 @@ import argparse
 import json
 import platform
 import random
-import resource
 import statistics
 import sys
 import time
@@ -48,13 +47,14 @@ from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
 from pipeline.attention.layout import IMAGE_PLACEHOLDER, build_prompt
+from pipeline.measure.results import PeakMemory
 from pipeline.models.load import DTYPES, load_model, resolve_model
 from pipeline.models.processors import load_processor
 from pipeline.models.shapes import real_config
 from schemas.qa import ImageRef, QARecord
 
 EFFICIENCY_FORMAT = "drive-kd/efficiency"
-EFFICIENCY_VERSION = 1
+EFFICIENCY_VERSION = 2
 QUESTIONS = (
     "What objects are in front of the ego vehicle, and where are they?",
     "Is any road user likely to cross the ego lane in the next few seconds? Explain.",
@@ -262,12 +262,6 @@ def time_generation(model, inputs: dict, *, max_new_tokens: int, sync: Callable[
             "ttft_s": clock.times[0] - start, "decode_s": clock.times[-1] - clock.times[0], "total_s": total}
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is in kilobytes on Linux, in bytes on macOS
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -297,15 +291,11 @@ def measure(config: EfficiencyConfig) -> dict[str, Any]:
     sync = (lambda: torch.cuda.synchronize(config.device)) if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(config.device)
-    rss_before = _peak_rss_bytes()
-
-    model, inputs, name = _load(config)
-    inputs = [to_device(item, config.device, model.dtype) for item in inputs]
-    time_generation(model, inputs[0], max_new_tokens=min(2, config.max_new_tokens), sync=sync)  # warm-up
-    runs = [time_generation(model, item, max_new_tokens=config.max_new_tokens, sync=sync) for item in inputs]
-
-    peak = torch.cuda.max_memory_allocated(config.device) if cuda else max(0, _peak_rss_bytes() - rss_before)
+    with PeakMemory(torch.device(config.device)) as memory:
+        model, inputs, name = _load(config)
+        inputs = [to_device(item, config.device, model.dtype) for item in inputs]
+        time_generation(model, inputs[0], max_new_tokens=min(2, config.max_new_tokens), sync=sync)  # warm-up
+        runs = [time_generation(model, item, max_new_tokens=config.max_new_tokens, sync=sync) for item in inputs]
     new_tokens = sum(run["new_tokens"] for run in runs)
     decode_s = sum(run["decode_s"] for run in runs)
     text_config = model.config.get_text_config()
@@ -315,8 +305,8 @@ def measure(config: EfficiencyConfig) -> dict[str, Any]:
         "device": {"kind": "cuda" if cuda else "cpu", "name": _device_name(config.device),
                    "torch_threads": torch.get_num_threads()},
         "dtype": config.dtype,
-        "peak_memory_gb": peak / 1e9,
-        "memory_kind": "cuda_max_memory_allocated" if cuda else "cpu_peak_rss_delta",
+        "peak_memory_gib": memory.read_gib(),
+        "memory_kind": memory.kind,
         "tokens_per_s": new_tokens / sum(run["total_s"] for run in runs),
         "decode_tokens_per_s": (new_tokens - len(runs)) / decode_s if decode_s > 0 else None,
         "ttft_median_s": statistics.median(run["ttft_s"] for run in runs),
@@ -336,7 +326,7 @@ def measure(config: EfficiencyConfig) -> dict[str, Any]:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Deployment metrics of a driving VLM as in the Drive-KD paper's Table 1: peak "
-        "memory (GB), generation throughput (tokens/s) and median time to first token (s), batch size 1, over "
+        "memory (GiB), generation throughput (tokens/s) and median time to first token (s), batch size 1, over "
         "a fixed prompt set. See pipeline/efficiency.py for the method.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder (save_pretrained) or known name under $MODEL_DIR")
@@ -366,7 +356,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m pipeline.effic
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text + "\n", encoding="utf-8")
     print(f"{report['model']} on {report['device']['name']} ({report['dtype']}): "
-          f"peak memory {report['peak_memory_gb']:.2f} GB ({report['memory_kind']}), "
+          f"peak memory {report['peak_memory_gib']:.2f} GiB ({report['memory_kind']}), "
           f"{report['tokens_per_s']:.1f} tokens/s, median TTFT {report['ttft_median_s']:.3f} s; wrote {args.out}")
 
 

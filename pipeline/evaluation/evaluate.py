@@ -6,9 +6,11 @@
     python -m pipeline.evaluate --efficiency --model models/demo-student --out reports/efficiency.json
 
 `--data` is one of: a shard folder written by `python -m pipeline.ingest` (has manifest.json), a QA JSON
-file in the authors' format (schemas.qa), or a DriveBench JSON file (detected by its `category` and
-`img_paths` fields; categories become capabilities by `DRIVEBENCH_CATEGORY_MAP`, all images go before
-the question in nuScenes camera order). All three become `BenchItem`s.
+file in the authors' format (schemas.qa), or a DriveBench JSON file in its released layout
+(`question_type`, `image_path`, `tag`) or the converted one (`category`, `img_paths`); see
+`pipeline.evaluation.drivebench` for tags, camera orders and the prediction yes/no rule. All images go
+before the question. All three become `BenchItem`s. `system_prompt` ("drivebench" or a text file) adds a
+system turn to every prompt; the default is none (the prompt the model was distilled with).
 
 Each question is answered greedily from the layout builder's prompt (`pipeline.layout.build_prompt`),
 batched with left padding. Scoring rules and the scores.json shape are in `pipeline.scoring`.
@@ -38,7 +40,14 @@ from pipeline.data.ingest import candidate_paths, content_key, describe_errors, 
 from pipeline.data.shards import iter_samples, read_manifest
 from pipeline.evaluation import efficiency
 from pipeline.evaluation.choices import is_multiple_choice
-from pipeline.evaluation.drivebench import DRIVEBENCH_CATEGORY_MAP, load_drivebench, looks_like_drivebench
+from pipeline.evaluation.drivebench import (
+    CAMERA_ORDERS,
+    YES_NO_POLICIES,
+    DriveBenchOptions,
+    load_drivebench,
+    looks_like_drivebench,
+    select_items,
+)
 from pipeline.evaluation.judge import JudgeClient, JudgeConfig, JudgeItem, JudgeLog, judge_all
 from pipeline.evaluation.scoring import (
     Prediction,
@@ -53,6 +62,8 @@ from schemas.qa import LABEL_FIELDS, ImageRef, QARecord, parse_records, unwrap_r
 
 NEEDS_JUDGE = "open-ended: scored only with a judge (--judge URL --judge-model NAME)"
 NO_REFERENCE_LETTER = "multiple choice, but the reference answer names no option letter"
+DRIVEBENCH_SYSTEM_PROMPT = Path(__file__).parent / "templates" / "drivebench_system.txt"
+"""`--system-prompt drivebench`: a DriveBench-style system prompt (an editable file)."""
 
 
 # ---------------------------------------------------------------- settings
@@ -87,9 +98,17 @@ class EvalConfig:
     """cpu, cuda or cuda:N; default cuda when available."""
     dtype: str | None = None
     """bf16, fp16 or fp32; default bf16 on cuda, fp32 on cpu."""
+    camera_order: str = "nuscenes"
+    """DriveBench input: "nuscenes" (Drive-KD's training order) or "drivebench" (FRONT, FRONT_LEFT, ...)."""
+    prediction_yes_no: str = "skip"
+    """DriveBench input: "skip" prediction yes/no questions (as DriveBench does) or "judge" them."""
+    map_category: list[str] = dataclasses.field(default_factory=list)
+    """DriveBench input: extra CATEGORY=CAPABILITY mappings, e.g. ["robust_qas=perception"]."""
+    system_prompt: str | None = None
+    """None (default: no system turn), "drivebench" (`DRIVEBENCH_SYSTEM_PROMPT`) or a text file."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [*self._drivebench_problems()]
         for field in ("judge_workers", "max_new_tokens", "batch_size"):
             if getattr(self, field) < 1:
                 problems.append(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -111,6 +130,36 @@ class EvalConfig:
             raise ValueError("invalid evaluation settings:\n  " + "\n  ".join(problems))
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
+
+    def _drivebench_problems(self) -> list[str]:
+        problems = []
+        if self.camera_order not in CAMERA_ORDERS:
+            problems.append(f"camera_order {self.camera_order!r} is not one of {sorted(CAMERA_ORDERS)}")
+        if self.prediction_yes_no not in YES_NO_POLICIES:
+            problems.append(f"prediction_yes_no {self.prediction_yes_no!r} is not one of {list(YES_NO_POLICIES)}")
+        bad = [item for item in self.map_category if item.count("=") != 1 or not all(item.split("="))]
+        if bad:
+            problems.append(f"map_category {bad}: write CATEGORY=CAPABILITY, e.g. robust_qas=perception")
+        else:
+            try:
+                self.drivebench_options()
+            except ValueError as err:
+                problems.append(str(err))
+        if self.system_prompt not in (None, "drivebench") and not Path(self.system_prompt).is_file():
+            problems.append(f"system_prompt {self.system_prompt!r} is neither 'drivebench' nor a text file")
+        return problems
+
+    def drivebench_options(self) -> DriveBenchOptions:
+        mapping = dict(item.split("=") for item in self.map_category)
+        return DriveBenchOptions(camera_order=self.camera_order, prediction_yes_no=self.prediction_yes_no,
+                                 extra_categories={k.strip().lower(): v.strip() for k, v in mapping.items()})
+
+    def system_text(self) -> str | None:
+        """The system turn's text, or None."""
+        if self.system_prompt is None:
+            return None
+        path = DRIVEBENCH_SYSTEM_PROMPT if self.system_prompt == "drivebench" else Path(self.system_prompt)
+        return path.read_text(encoding="utf-8").strip()
 
 
 # ---------------------------------------------------------------- data
@@ -141,6 +190,8 @@ class BenchData:
     items: Iterator[BenchItem]
     category_map: dict[str, str] | None = None
     """DriveBench category -> capability, only for DriveBench input."""
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """How the input was read (DriveBench: options and what was left out), recorded in the report."""
 
 
 def _open_image(raw: str, image_root: Path, where: str) -> Image.Image:
@@ -189,21 +240,23 @@ def _qa_json_data(path: Path, obj: Any, image_root: Path) -> BenchData:
     return BenchData(format="qa_json", total=len(parsed.records), items=items())
 
 
-def _drivebench_data(path: Path, image_root: Path) -> BenchData:
-    records = load_drivebench(path)
+def _drivebench_data(path: Path, image_root: Path, options: DriveBenchOptions) -> BenchData:
+    records, left_out = select_items(load_drivebench(path, options=options), options)
 
     def items() -> Iterator[BenchItem]:
         for item in records:
-            images = [_open_image(raw, image_root, f"{path} item {item.key}, img_paths.{view}")
+            images = [_open_image(raw, image_root, f"{path} item {item.key}, camera {view}")
                       for raw, view in zip(item.images, item.views)]
             yield BenchItem(key=item.key, capability=item.capability,
                             question=f"{IMAGE_PLACEHOLDER}\n" * len(images) + item.question, reference=item.answer,
                             images=images, multiple_choice=item.multiple_choice, source_category=item.source_category)
 
-    return BenchData(format="drivebench", total=len(records), items=items(), category_map=dict(DRIVEBENCH_CATEGORY_MAP))
+    settings = {**options.describe(), "left_out": left_out}
+    return BenchData(format="drivebench", total=len(records), items=items(), category_map=options.category_map,
+                     settings=settings)
 
 
-def open_data(data: str, image_root: str | None = None) -> BenchData:
+def open_data(data: str, image_root: str | None = None, options: DriveBenchOptions | None = None) -> BenchData:
     """Detect the format of `data` (shard folder or URL, authors' QA JSON, DriveBench JSON) and read it."""
     path = Path(data)
     if "://" in data or path.is_dir():
@@ -217,7 +270,7 @@ def open_data(data: str, image_root: str | None = None) -> BenchData:
         raise ValueError(f"{path}: not valid UTF-8 JSON ({err}). Fix: repair or re-export the file.") from err
     root = Path(image_root) if image_root is not None else path.parent
     if looks_like_drivebench(obj):
-        return _drivebench_data(path, root)
+        return _drivebench_data(path, root, options or DriveBenchOptions())
     return _qa_json_data(path, obj, root)
 
 
@@ -230,11 +283,12 @@ def _prompt_record(item: BenchItem) -> QARecord:
                     answer=item.reference, source="evaluate", index=0)
 
 
-def generate_answers(model, processor, items: list[BenchItem], *, max_new_tokens: int) -> list[str]:
-    """Greedy answers to a batch of items (left-padded prompts, one generate call)."""
+def generate_answers(model, processor, items: list[BenchItem], *, max_new_tokens: int,
+                     system: str | None = None) -> list[str]:
+    """Greedy answers to a batch of items (left-padded prompts, one generate call; optional system turn)."""
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [build_prompt(_prompt_record(item), item.images, processor) for item in items]
+    prompts = [build_prompt(_prompt_record(item), item.images, processor, system=system) for item in items]
     batch = efficiency.to_device(collate_inputs(prompts, pad_id), model.device, model.dtype)
     with torch.inference_mode():
         output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
@@ -266,10 +320,10 @@ def answer_all(config: EvalConfig, model_dir: Path, data: BenchData) -> list[Pre
     processor = load_processor(model_dir)
     model = load_model(model_dir, dtype=config.dtype).to(config.device).eval()
     total = data.total if config.limit is None else min(data.total, config.limit)
-    predictions = []
+    predictions, system = [], config.system_text()
     with tqdm(total=total, desc="answering", unit="question") as bar:
         for chunk in _batches(itertools.islice(data.items, total), config.batch_size):
-            answers = generate_answers(model, processor, chunk, max_new_tokens=config.max_new_tokens)
+            answers = generate_answers(model, processor, chunk, max_new_tokens=config.max_new_tokens, system=system)
             predictions += [score_item(item, answer) for item, answer in zip(chunk, answers)]
             bar.update(len(chunk))
     return predictions
@@ -286,7 +340,7 @@ def judge_open_ended(predictions: list[Prediction], config: EvalConfig, log_path
         return predictions
     client = JudgeClient(JudgeConfig(url=config.judge_url, model=config.judge_model))
     items = [JudgeItem(key=p.key, capability=p.capability, question=_without_images(p.question),
-                       reference=p.reference, prediction=p.prediction) for p in open_ended]
+                       reference=p.reference, prediction=p.prediction, category=p.source_category) for p in open_ended]
     results = judge_all(client, items, JudgeLog(log_path), workers=config.judge_workers)
     return [p if p.multiple_choice else dataclasses.replace(
         p, score=results[p.key].score, scored_by=None if results[p.key].score is None else "judge",
@@ -299,10 +353,11 @@ def judge_open_ended(predictions: list[Prediction], config: EvalConfig, log_path
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Answer, score and report one model on one QA set; returns the scores.json content."""
     model_dir = resolve_model(config.model)
-    data = open_data(config.data, config.image_root)
+    data = open_data(config.data, config.image_root, config.drivebench_options())
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {**dataclasses.asdict(config), "model_dir": str(model_dir), "data_format": data.format}
+    run = {**dataclasses.asdict(config), "model_dir": str(model_dir), "data_format": data.format,
+           "data_settings": data.settings, "system_text": config.system_text()}
     (out / "config.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
 
     predictions = answer_all(config, model_dir, data)

@@ -1,8 +1,9 @@
 """LLM judge for open-ended answers, through any OpenAI-compatible chat-completions endpoint.
 
 The judge sees the question, the reference answer and the model's answer, rendered into the rubric
-template of the sample's capability (`templates/judge_{capability}.txt`), and must end its reply
-with a line `Score: N` (0-100). Templates are plain `str.format` strings with exactly the fields
+template of the sample's source category when the folder has one (`templates/judge_{category}.txt`,
+e.g. DriveBench's `judge_behavior.txt`), else of its capability (`templates/judge_{capability}.txt`),
+and must end its reply with a line `Total Score: N` (0-100; `Score: N` is read too). Templates are plain `str.format` strings with exactly the fields
 `{question}`, `{reference}` and `{prediction}`; any other literal brace in a template must be
 doubled (`{{` / `}}`). Braces inside the substituted values (questions, answers) need no escaping.
 
@@ -36,20 +37,21 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_FIELDS = frozenset({"question", "reference", "prediction"})
 """The `str.format` fields every judge template must use, and the only ones it may use.
-There is one template per capability of `schemas.qa.CAPABILITIES`: `judge_{capability}.txt`."""
+There is one template per capability of `schemas.qa.CAPABILITIES`: `judge_{capability}.txt`; any other
+`judge_{category}.txt` serves the items of that source category (lower case)."""
 
 DEFAULT_TEMPLATES_DIR = Path(__file__).parent / "templates"
 
 SYSTEM_PROMPT = "You are a strict, fair evaluator who rates answers by their agreement with a correct reference answer."
 REASK_PROMPT = (
     "Your reply did not end with a total score. Reply again, ending with a last line of exactly the form "
-    "'Score: N' where N is the total from 0 to 100."
+    "'Total Score: N' where N is the total from 0 to 100."
 )
 MAX_RETRY_AFTER_S = 60.0
 """Longest wait honoured from a server's Retry-After header."""
@@ -115,6 +117,8 @@ class JudgeItem:
     question: str
     reference: str
     prediction: str
+    category: str = ""
+    """The item's source category (e.g. DriveBench's "behavior"); its template is used when there is one."""
 
     @property
     def fingerprint(self) -> str:
@@ -180,12 +184,13 @@ def chat_completions_url(url: str) -> str:
 
 
 def load_templates(templates_dir: Path) -> dict[str, str]:
-    """capability -> template text, each checked to use exactly the fields of `TEMPLATE_FIELDS`."""
+    """capability or category -> template text, each checked to use exactly the fields of `TEMPLATE_FIELDS`."""
     templates = {}
     for capability in CAPABILITIES:
         path = Path(templates_dir) / f"judge_{capability}.txt"
         if not path.is_file():
             raise FileNotFoundError(f"judge template {path} is missing (one per capability: {CAPABILITIES})")
+    for path in sorted(Path(templates_dir).glob("judge_*.txt")):
         text = path.read_text(encoding="utf-8")
         try:
             parsed = list(string.Formatter().parse(text))
@@ -201,7 +206,7 @@ def load_templates(templates_dir: Path) -> dict[str, str]:
                 f"format specs {specs}; use exactly {{question}}, {{reference}}, {{prediction}} "
                 "and write other literal braces as {{ and }}"
             )
-        templates[capability] = text
+        templates[path.stem.removeprefix("judge_")] = text
     return templates
 
 
@@ -213,20 +218,22 @@ class JudgeClient:
         self.endpoint = chat_completions_url(config.url)
         self.templates = load_templates(config.templates_dir)
 
-    def render(self, capability: str, question: str, reference: str, prediction: str) -> str:
-        """The judge prompt for one sample."""
-        if capability not in self.templates:
+    def render(self, capability: str, question: str, reference: str, prediction: str, category: str = "") -> str:
+        """The judge prompt for one sample: its category's template if there is one, else its capability's."""
+        if capability not in CAPABILITIES:
             raise ValueError(f"capability {capability!r} has no judge template; expected one of {CAPABILITIES}")
-        return self.templates[capability].format(question=question, reference=reference, prediction=prediction)
+        template = self.templates.get(category.lower(), self.templates[capability])
+        return template.format(question=question, reference=reference, prediction=prediction)
 
-    def score(self, key: str, capability: str, question: str, reference: str, prediction: str) -> JudgeResult:
+    def score(self, key: str, capability: str, question: str, reference: str, prediction: str,
+              category: str = "") -> JudgeResult:
         """Ask the judge until it gives a score or the retry budget is spent.
 
         Raises JudgeRequestError on an HTTP 4xx other than 429.
         """
         prompt = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": self.render(capability, question, reference, prediction)},
+            {"role": "user", "content": self.render(capability, question, reference, prediction, category)},
         ]
         messages, reply, error = prompt, "", ""
         attempts = self.config.max_retries + 1
@@ -242,7 +249,7 @@ class JudgeClient:
             value = parse_score(reply)
             if value is not None:
                 return JudgeResult(key=key, score=value, reply=reply, attempts=attempt, error=None)
-            error = "the reply has no 'Score: N' line with N in 0-100"
+            error = "the reply has no 'Total Score: N' line with N in 0-100"
             messages = [*prompt, {"role": "assistant", "content": reply}, {"role": "user", "content": REASK_PROMPT}]
         return JudgeResult(key=key, score=None, reply=reply, attempts=attempts, error=error)
 
@@ -373,7 +380,8 @@ def judge_all(
             results[item.key] = logged
 
     def judge_one(item: JudgeItem) -> JudgeResult:
-        result = client.score(item.key, item.capability, item.question, item.reference, item.prediction)
+        result = client.score(item.key, item.capability, item.question, item.reference, item.prediction,
+                              item.category)
         log.append(result, item.fingerprint)
         if result.score is None:
             logger.warning("judge gave no score for %s after %d attempts: %s", item.key, result.attempts, result.error)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluation.choices import extract_choice, parse_options
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES
 
 SCORES_FORMAT = "drive-kd/eval-scores"
 SCORES_VERSION = 1

@@ -22,7 +22,6 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-GB = 2**30
 METHOD = ("estimate, not a measurement: fake-tensor trace (pipeline.memory_trace); live tensor bytes at peak, "
           "comparable to torch.cuda.max_memory_allocated on one device; excludes the CUDA context, allocator "
           "fragmentation and kernel workspaces")

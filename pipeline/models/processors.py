@@ -17,23 +17,36 @@ from transformers import InternVLProcessor, PreTrainedTokenizerFast, Qwen2_5_VLP
 FAMILIES = ("internvl", "qwen2_5_vl")
 MODEL_TYPE_TO_FAMILY = {"internvl": "internvl", "qwen2_5_vl": "qwen2_5_vl"}
 
-# Chat templates of the two families' Hugging Face checkpoints (ChatML markup; images as one
-# placeholder each, expanded by the processor).
+# Chat templates of the two families' Hugging Face checkpoints, as they ship them: InternVL3-*-hf
+# (ChatML, one <IMG_CONTEXT> placeholder per image, expanded by the processor to <img>...</img>) and
+# Qwen2.5-VL-*-Instruct (ChatML with a default system turn when the conversation has none).
 INTERNVL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
+QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+IMAGE_BACKEND = "pil"
+"""Image-processor backend, pinned so that the cache machine and the training machine normalise pixels
+identically (transformers picks torchvision where it is installed otherwise)."""
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 FAMILY_SPECIALS = {
@@ -76,7 +89,13 @@ def family_of(model_dir: str | Path) -> str:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: {model_dir} is not a Hugging Face model directory "
                                 "(expected config.json written by save_pretrained).")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    config = json.loads(config_path.read_text())
+    model_type = config.get("model_type")
+    if model_type == "internvl_chat" or (model_type not in MODEL_TYPE_TO_FAMILY and "auto_map" in config):
+        name = Path(model_dir).name
+        raise ValueError(f"{config_path}: model_type {model_type!r} with auto_map is a remote-code checkpoint (the "
+                         f"original OpenGVLab release); this project loads native transformers classes only. Fix: "
+                         f"download the Hugging Face format instead, e.g. OpenGVLab/{name.removesuffix('-hf')}-hf.")
     if model_type not in MODEL_TYPE_TO_FAMILY:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; supported: "
                          f"{sorted(MODEL_TYPE_TO_FAMILY)} (use the Hugging Face '-hf' format for InternVL3).")
@@ -84,8 +103,19 @@ def family_of(model_dir: str | Path) -> str:
 
 
 def load_processor(model_dir: str | Path):
-    """The family's image-only processor loaded from a ``save_pretrained`` directory."""
-    return PROCESSOR_CLASSES[family_of(model_dir)].from_pretrained(str(model_dir))
+    """The family's image-only processor loaded from a ``save_pretrained`` directory, PIL image backend."""
+    processor = PROCESSOR_CLASSES[family_of(model_dir)].from_pretrained(str(model_dir), backend=IMAGE_BACKEND)
+    backend = image_backend(processor)
+    if backend != IMAGE_BACKEND:
+        raise ValueError(f"{model_dir}: the image processor loaded with the {backend} backend "
+                         f"({type(processor.image_processor).__name__}), not {IMAGE_BACKEND}. Fix: install Pillow "
+                         "(`pip install pillow`) so that pixels are normalised the same on every machine.")
+    return processor
+
+
+def image_backend(processor) -> str:
+    """"pil" or "torchvision": the backend of a processor's image processor (recorded with caches)."""
+    return "pil" if type(processor.image_processor).__name__.endswith("Pil") else "torchvision"
 
 
 def build_tokenizer(corpus: list[str], family: str, *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:

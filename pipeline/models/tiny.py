@@ -21,6 +21,8 @@ from pipeline.models.processors import (
 )
 
 TINY_IMAGE_SIZE = 112  # one tile; patch 8 -> 14x14 patches -> 49 vision tokens after the 2x2 merge
+# Vision tower of both roles: 2 layers, 64 wide (one 32-wide layer could not learn the demo scenes).
+TINY_VISION = {"layers": 2, "hidden": 64, "heads": 4, "intermediate": 128}
 TINY_LM = {  # role -> (layers, hidden, heads, kv_heads, intermediate); head_dim 16 in both
     "teacher": (6, 128, 8, 2, 256),
     "student": (4, 64, 4, 2, 128),
@@ -31,7 +33,8 @@ def _tiny_internvl(tokenizer, role: str):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     layers, hidden, heads, kv, inter = TINY_LM[role]
-    vision = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+    vision = dict(num_hidden_layers=TINY_VISION["layers"], hidden_size=TINY_VISION["hidden"],
+                  num_attention_heads=TINY_VISION["heads"], intermediate_size=TINY_VISION["intermediate"],
                   image_size=TINY_IMAGE_SIZE, patch_size=8)
     text = dict(model_type="qwen2", num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                 num_key_value_heads=kv, intermediate_size=inter, vocab_size=len(tokenizer),
@@ -51,9 +54,10 @@ def _tiny_qwen(tokenizer, role: str):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     layers, hidden, heads, kv, inter = TINY_LM[role]
-    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=hidden,
-                  patch_size=8, spatial_merge_size=2, temporal_patch_size=2, window_size=32,
-                  fullatt_block_indexes=[0])
+    vision = dict(depth=TINY_VISION["layers"], hidden_size=TINY_VISION["hidden"], num_heads=TINY_VISION["heads"],
+                  intermediate_size=TINY_VISION["intermediate"], out_hidden_size=hidden, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=32,
+                  fullatt_block_indexes=list(range(TINY_VISION["layers"])))
     text = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
                 intermediate_size=inter, vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=None,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},

@@ -24,10 +24,9 @@ from pipeline.evaluation.scoring import AVERAGE_COLUMN, TABLE_COLUMNS, load_scor
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
 from pipeline.report.curves import plot_runs, read_metrics
-from schemas.qa import CAPABILITIES
+from schemas.method import CAPABILITIES, TERM_ROLE, TERMS
 
-TERMS = ("p", "r", "d")
-TERM_NAMES = {"ce": "CE", "p": "perception", "r": "reasoning", "d": "planning"}
+TERM_NAMES = {"ce": "CE", **TERM_ROLE}
 
 
 def _pairs(text_list: list[str], what: str) -> dict[str, str]:

@@ -1,0 +1,67 @@
+"""The Drive-KD study on generated scenes: ``python -m pipeline.study`` (``make study``).
+
+Argument parsing and one call into pipeline.study.run and pipeline.study.table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+from pipeline.study.plan import BUDGETS, EVAL_DATA_SEED, ROWS, TEACHER_DATA_SEED
+from pipeline.study.run import run_study
+from pipeline.study.table import build_study, write_outputs
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.study",
+        description="Train the tiny teacher once on a large generated split, then for each seed train every "
+                    f"student row ({', '.join(ROWS)}) on a smaller split with the same steps, evaluate all on "
+                    "one held-out split and write OUT/study.json, study.md (Table 3 layout, mean ± std over "
+                    "seeds) and study.png. Stages run as subprocesses of the project's commands; finished "
+                    "stages are reused when OUT is run again.",
+        epilog="example: python -m pipeline.study --out reports/study --seeds 3 --budget full")
+    parser.add_argument("--out", default="reports/study", help="output folder (default reports/study)")
+    parser.add_argument("--seeds", type=_positive, default=1, help="number of seeds (default 1)")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="seed s draws the student split's scenes, the student initialisation and the data "
+                             "order of seed OFFSET+s (default 0)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
+                        help="tiny: suite test (1 step); quick: ~12 min per seed on 2 cores; full: >= 3 seeds "
+                             "in ~60 min (default quick)")
+    parser.add_argument("--teacher", type=Path,
+                        help="an already trained teacher directory to reuse instead of training one (default: the "
+                             "budget's, e.g. benchmarks/demo-teacher for quick)")
+    args = parser.parse_args(argv)
+    budget = BUDGETS[args.budget]
+    seeds = [args.seed_offset + s for s in range(args.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    teacher = args.teacher or (Path(budget.teacher) if budget.teacher else None)
+    if teacher is not None and not (teacher / "config.json").is_file():
+        parser.error(f"--teacher {teacher}: no config.json there; pass a trained teacher directory "
+                     "(make demo-teacher writes benchmarks/demo-teacher) or use --budget full to train one")
+    files = run_study(out, budget=budget, seeds=seeds, teacher=teacher)
+    config = {"budget": args.budget, "sizes": budget.to_dict(), "seeds": seeds, "seed_offset": args.seed_offset,
+              "teacher_data_seed": TEACHER_DATA_SEED, "eval_data_seed": EVAL_DATA_SEED,
+              "teacher_model": files["teacher_model"], "rows": ROWS, "commands": files["commands"],
+              "stage_seconds": files["seconds"], "wall_seconds": round(time.perf_counter() - start, 1),
+              "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"}
+    study = build_study(files, config)
+    write_outputs(study, out)
+    print(f"study: wrote {out / 'study.json'}, {out / 'study.md'} and {out / 'study.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What the study runs: the budgets, the student rows as trainer overrides, and the seeds of each split.
+
+Every student row is one entry of ROWS: the trainer flags that make it, on top of the budget's student
+config. `drive-kd` is the trainer's defaults (the recommended settings); every other row names exactly
+what it changes. The single-term rows route every sample's mix row to one term (the paper's
+single-teacher protocol: one signal over all the data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from schemas.method import CAPABILITIES
+
+STUDY_CONFIGS = "train_student/configs"
+SINGLE_TERM = {"perception": [1.0, 0.0, 0.0], "reasoning": [0.0, 1.0, 0.0], "planning": [0.0, 0.0, 1.0]}
+
+
+def _mix_all_to(capability: str) -> list[str]:
+    """--set flags that route the mix rows of every sample capability to one term."""
+    return [f"--set=loss.mix.{row}={SINGLE_TERM[capability]}" for row in CAPABILITIES]
+
+
+ROWS: dict[str, list[str]] = {
+    "sft": ["--sft"],
+    "drive-kd": [],
+    "drive-kd-reference": ["--set=loss.scale=reference", "--set=loss.kind=mse"],
+    "no-agp": ["--no-agp"],
+    **{f"single-{capability}": _mix_all_to(capability) for capability in CAPABILITIES},
+}
+"""Student row name -> trainer flags added to the budget's student config."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes of one study run. Samples are QA records (one generated scene each)."""
+
+    teacher_samples: int
+    """records of the teacher's training split (drawn once per study)."""
+    student_samples: int
+    """records of each seed's student training split (smaller: the regime where a teacher helps)."""
+    eval_samples: int
+    """records of the held-out split every model is scored on."""
+    teacher_config: str
+    """trainer YAML of the teacher's CE fine-tuning."""
+    student_config: str
+    """trainer YAML shared by every student row (same steps for all)."""
+    teacher_steps: int | None = None
+    """cap on the teacher's optimizer steps (None: the config's epochs)."""
+    student_steps: int | None = None
+    """cap on each student's optimizer steps (None: the config's epochs)."""
+    teacher: str | None = None
+    """an already trained teacher to reuse instead of training one (None: train it on the teacher split)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BUDGETS = {
+    "tiny": Budget(teacher_samples=12, student_samples=8, eval_samples=6,
+                   teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
+                   student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher_steps=1, student_steps=1),
+    "quick": Budget(teacher_samples=3000, student_samples=400, eval_samples=300,
+                    teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
+                    student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher="benchmarks/demo-teacher"),
+    "full": Budget(teacher_samples=3000, student_samples=600, eval_samples=600,
+                   teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
+                   student_config=f"{STUDY_CONFIGS}/study-student.yaml"),
+}
+"""tiny: the suite's end-to-end test; quick: one seed in about 12 minutes on 2 cores, reusing the committed
+demo teacher (`make demo-teacher`: the same recipe on a 3000-scene split); full: trains the teacher once
+on its own 3000-scene split, then 3 or more seeds within about an hour."""
+
+TEACHER_DATA_SEED = 1_000_000
+"""Scene seed of the teacher's split; far from any student seed, so the splits never share a seed."""
+EVAL_DATA_SEED = 2_000_000
+"""Scene seed of the held-out split, fixed for the study so every row is scored on the same questions."""

@@ -1,0 +1,64 @@
+"""`python -m pipeline.study --budget tiny` end to end: study.json's structure, and every number in it
+equals the scores.json it names."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.evaluation.scoring import load_scores
+from pipeline.study.plan import ROWS
+from pipeline.study.table import COLUMNS, table_values
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = [3]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    cmd = [sys.executable, "-m", "pipeline.study", "--out", str(out), "--budget", "tiny", "--seeds", "1",
+           "--seed-offset", str(SEEDS[0])]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_study_writes_every_row_from_its_evaluation_files(study):
+    data = json.loads((study / "study.json").read_text())
+    assert set(data) == {"rows", "teacher", "chance", "config"}
+    assert list(data["rows"]) == ["sft", "drive-kd", "drive-kd-reference", "no-agp", "single-perception",
+                                  "single-reasoning", "single-planning"] == list(ROWS)
+    sources = set()
+    for name, row in data["rows"].items():
+        assert [s["seed"] for s in row["seeds"]] == SEEDS, name
+        for entry in row["seeds"]:
+            expected = table_values(load_scores(entry["eval"])["table"])
+            assert {k: entry[k] for k in COLUMNS} == expected, name
+            sources.add(entry["eval"])
+        assert row["mean"] == {k: row["seeds"][0][k] for k in COLUMNS}
+        assert row["std"] == {k: 0.0 if row["mean"][k] is not None else None for k in COLUMNS}
+    assert len(sources) == len(ROWS)  # one evaluation per row and seed
+    assert {k: data["teacher"][k] for k in COLUMNS} == table_values(load_scores(data["teacher"]["eval"])["table"])
+    assert all(0 < data["chance"][k] < 100 for k in COLUMNS)
+    assert data["config"]["seeds"] == SEEDS and data["config"]["budget"] == "tiny"
+
+
+def test_study_table_and_plot(study):
+    table = (study / "study.md").read_text()
+    for name in ["teacher", *ROWS, "chance"]:
+        assert any(line.startswith(f"| {name} |") for line in table.splitlines()), name
+    assert "| Row | Perception | Reasoning | Planning | Avg. |" in table
+    assert (study / "study.png").stat().st_size > 1000
+
+
+def test_study_rows_differ_only_by_their_flags(study):
+    configs = {name: yaml.safe_load((study / "runs" / f"seed-{SEEDS[0]}" / name / "config.yaml").read_text())
+               for name in ROWS}
+    assert configs["sft"]["loss"]["sft"] and not configs["drive-kd"]["loss"]["sft"]
+    assert not configs["no-agp"]["method"]["agp"] and configs["drive-kd"]["method"]["agp"]
+    assert set(map(tuple, configs["single-planning"]["loss"]["mix"].values())) == {(0.0, 0.0, 1.0)}
+    assert all(config["run"]["seed"] == SEEDS[0] for config in configs.values())
