@@ -28,7 +28,7 @@ from pipeline.cache.format import committed_shards
 from pipeline.cache.reader import open_cache
 from pipeline.data.shards import iter_shard, read_manifest, shard_paths
 from pipeline.models.load import resolve_model
-from pipeline.models.processors import family_of, load_processor
+from pipeline.models.processors import family_of, image_backend, load_processor
 from schemas.cache import MANIFEST_NAME, CacheManifest, shard_files
 from schemas.method import SIGNALS
 
@@ -114,7 +114,7 @@ def build_manifest(config: CacheConfig, teacher_dir, teacher_processor, student_
                  "config_digest": _config_digest(teacher_dir), "num_layers": text.num_hidden_layers,
                  "num_heads": text.num_attention_heads},
         signals=plan, codec=get_codec(config.codec).describe(), dtype=dtype,
-        layout={"layout_version": LAYOUT_VERSION, "tiling": tiling.describe()},
+        layout={"layout_version": LAYOUT_VERSION, "tiling": tiling.describe(), "image_backend": image_backend(teacher_processor)},
         dataset={"dataset_digest": data_manifest.dataset_digest, "shards_dir": str(config.data),
                  "samples": data_manifest.num_samples},
         student_layers=student_layers,

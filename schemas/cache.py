@@ -108,7 +108,7 @@ class CacheManifest:
     dtype: str
     """dtype the teacher ran in (maps are always formed in float32)."""
     layout: dict
-    """layout_version and tiling policy the samples were laid out with."""
+    """layout_version, tiling policy and image-processor backend (``pil``) the samples were laid out with."""
     dataset: dict
     """dataset_digest and the shards directory the cache was made from."""
     student_layers: int | None = None

@@ -75,6 +75,7 @@ def test_pre_grouped_mid_for_a_student(tmp_path, tiny_models, tiny_shards):
     cache = _cache(tmp_path, tiny_models, tiny_shards, student=str(tiny_models["internvl", "student"]))
     spec = cache.manifest.signals["mid"]
     assert cache.manifest.student_layers == 4 and spec.groups == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    assert cache.manifest.layout["image_backend"] == "pil"
     sample = next(iter_samples(tiny_shards))
     maps, _ = _teacher_maps(tiny_models["internvl", "teacher"], sample, [0, 1, 2, 3, 4])
     expected = dense_to_tril(group_mean(torch.stack([maps[i] for i in range(5)]), 3)).numpy()

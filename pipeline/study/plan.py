@@ -1,8 +1,8 @@
 """What the study runs: the budgets, the student rows as trainer overrides, and the seeds of each split.
 
 Every student row is one entry of ROWS: the trainer flags that make it, on top of the budget's student
-config. `drive-kd` is the trainer's defaults (the recommended settings); every other row names exactly
-what it changes. The single-term rows route every sample's mix row to one term (the paper's
+config. `drive-kd` is the candidate recommended settings (RECOMMENDED); every other row names exactly what it
+changes. The single-term rows route every sample's mix row to one term (the paper's
 single-teacher protocol: one signal over all the data).
 """
 
@@ -21,12 +21,17 @@ def _mix_all_to(capability: str) -> list[str]:
     return [f"--set=loss.mix.{row}={SINGLE_TERM[capability]}" for row in CAPABILITIES]
 
 
+RECOMMENDED = ["--set=loss.scale=balanced"]
+"""The candidate recommended settings: each attention term's weighted gradient calibrated to half of CE's
+on the first window (train_student/scale.py). The trainer's default stays METHOD's reference scale until
+the study's evidence decides; every Drive-KD variant below starts from these flags."""
+
 ROWS: dict[str, list[str]] = {
     "sft": ["--sft"],
-    "drive-kd": [],
+    "drive-kd": RECOMMENDED,
     "drive-kd-reference": ["--set=loss.scale=reference", "--set=loss.kind=mse"],
-    "no-agp": ["--no-agp"],
-    **{f"single-{capability}": _mix_all_to(capability) for capability in CAPABILITIES},
+    "no-agp": [*RECOMMENDED, "--no-agp"],
+    **{f"single-{capability}": [*RECOMMENDED, *_mix_all_to(capability)] for capability in CAPABILITIES},
 }
 """Student row name -> trainer flags added to the budget's student config."""
 
