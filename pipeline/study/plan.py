@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from schemas.method import CAPABILITIES
+from schemas.method import CAPABILITIES, TERMS
 
 STUDY_CONFIGS = "train_student/configs"
 SINGLE_TERM = {"perception": [1.0, 0.0, 0.0], "reasoning": [0.0, 1.0, 0.0], "planning": [0.0, 0.0, 1.0]}
 
 
 def _mix_all_to(capability: str) -> list[str]:
-    """--set flags that route the mix rows of every sample capability to one term."""
-    return [f"--set=loss.mix.{row}={SINGLE_TERM[capability]}" for row in CAPABILITIES]
+    """--set flags that route the mix rows of every sample capability to one term and switch the other
+    terms off (lambda 0), so that a balanced calibration sees only the term that trains."""
+    weights = SINGLE_TERM[capability]
+    off = [f"--set=loss.lam_{term}=0" for term, weight in zip(TERMS, weights) if weight == 0]
+    return [f"--set=loss.mix.{row}={weights}" for row in CAPABILITIES] + off
 
 
 RECOMMENDED = ["--set=loss.scale=balanced"]
