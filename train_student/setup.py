@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.attention.capture import enable_capture
-from schemas.method import LayerPlan, lambdas
+from schemas.method import LayerPlan
 from train_student import config as cfg
 from train_student.agp import GradBank
 from train_student.reweight import LossReweighter
-from train_student.step import CapturedForward, MicroStepper, TermWeights, bank_combine, prepare_student
+from train_student.step import CapturedForward, MicroStepper, TermWeights, active_lambdas, bank_combine, prepare_student
 
 
 @dataclass
@@ -50,18 +50,13 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup: int, floor: float) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def static_lambdas(loss: cfg.LossConfig, terms: list[str]) -> dict[str, float]:
-    lams = lambdas(loss)
-    return {t: lams[t] for t in ["ce", *terms] if lams[t] > 0}
-
-
 def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, teacher=None):
     """The micro-step machinery: forward (cached, or online with ``teacher``), term weights,
     reweighter, gradient bank and AGP order generator."""
     m, terms = config.method, config.terms
     reweighter = None
     if m.reweight and terms:
-        reweighter = LossReweighter(static_lambdas(config.loss, terms), alpha=m.reweight_alpha, lr=m.reweight_lr,
+        reweighter = LossReweighter(active_lambdas(config.loss, terms), alpha=m.reweight_alpha, lr=m.reweight_lr,
                                     ce_floor=m.ce_floor, device=device)
     weights = TermWeights(config.loss, terms, device, reweighter)
     generator = torch.Generator().manual_seed(config.run.seed) if m.agp else None

@@ -110,13 +110,18 @@ class CapturedForward:
 
 
 # ---------------------------------------------------------------- weights
+def active_lambdas(loss_config, terms: list[str]) -> dict[str, float]:
+    """``{term: lambda}`` of ``ce`` and ``terms`` whose configured lambda is positive (the run's static weights)."""
+    lams = lambdas(loss_config)
+    return {t: float(lams[t]) for t in ["ce", *terms] if lams[t] > 0}
+
+
 class TermWeights:
     """Per-sample term weights from the lambdas (static, or learned by ``reweighter``, times the units
     of a ``loss.scale=balanced`` calibration, ``set_units``) and the mix."""
 
     def __init__(self, loss_config, terms: list[str], device: torch.device, reweighter: LossReweighter | None = None):
-        lams = lambdas(loss_config)
-        self.static = {t: float(lams[t]) for t in ["ce", *terms] if lams[t] > 0}
+        self.static = active_lambdas(loss_config, terms)
         self.mix = normalise_mix(loss_config.mix)
         self.device, self.reweighter = device, reweighter
         self.units = torch.ones(len(LOSS_TERMS), device=device)
