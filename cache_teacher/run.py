@@ -161,7 +161,11 @@ def prepare_output(config: CacheConfig, manifest: CacheManifest) -> None:
     if fs.exists(path):
         existing = CacheManifest.from_json(json.loads(fs.cat_file(path)), source=path)
         diffs = existing.differences(manifest)
-        if diffs and not config.overwrite:
+        if diffs and not config.overwrite and not committed_shards(config.out):
+            # a job that stopped before committing any shard (e.g. no GPU for --gpus-per-worker 1): nothing to keep
+            print(f"cache: {config.out} holds no committed shard; replacing its manifest (settings changed: "
+                  f"{', '.join(diffs)})", file=sys.stderr)
+        elif diffs and not config.overwrite:
             raise ValueError(f"{config.out} holds a cache made with different settings ({', '.join(diffs)}); "
                              "use another --out, or --overwrite to replace it")
         if not diffs:
@@ -221,8 +225,14 @@ def run_with_ray(config: CacheConfig, settings: WorkerSettings, todo: list, bar)
     import ray
     from ray.util.queue import Queue
 
-    ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
-             ignore_reinit_error=True, configure_logging=False)
+    try:
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=True,
+                 ignore_reinit_error=True, configure_logging=False)
+    except Exception as err:  # Ray's start-up errors have no common base class
+        where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray instance"
+        raise CacheJobError(f"could not start {where}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+                            "On a busy or single machine, --workers 0 caches in this process without Ray; "
+                            "for a cluster, check --ray-address and that `ray status` answers.") from err
     try:
         available = ray.cluster_resources().get("GPU", 0)
         if settings.gpus > available:

@@ -1,7 +1,9 @@
 """The teacher worker: loads the teacher once and turns data shards into committed cache shards.
 
 Used in the driver process (``--workers 0``) and as a Ray actor; everything it needs arrives as a
-plain ``WorkerSettings`` so it pickles cheaply.
+plain ``WorkerSettings`` so it pickles cheaply. With codec ``quant2`` the maps are quantised on the
+teacher's device (``prepare_blocks``): only codes (1-2 bytes per entry) cross to the host, where the
+writer's thread pool runs the entropy stage while the GPU computes the next batch.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 from pipeline.attention.capture import AttentionCapture, enable_capture
 from pipeline.attention.layout import TilingPolicy, build_layout, collate_inputs
 from pipeline.attention.maps import dense_to_tril, group_layers, group_mean, tv_block
-from pipeline.cache.codecs import codec_from_description
-from pipeline.cache.writer import CacheShardWriter
+from pipeline.cache.codec2 import ContextQuantCodec, Quantised
+from pipeline.cache.codecs import Codec, codec_from_description
+from pipeline.cache.format import row_lengths_for
+from pipeline.cache.writer import CacheShardWriter, block_rows_for
 from pipeline.data.shards import ShardError, iter_shard
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
@@ -53,9 +57,9 @@ def capture_layers(plan: dict[str, SignalSpec]) -> list[int]:
     return sorted({layer for spec in plan.values() for layer in spec.layers})
 
 
-def slice_sample(maps: dict[int, torch.Tensor], is_vision: torch.Tensor,
-                 plan: dict[str, SignalSpec]) -> dict[str, np.ndarray]:
-    """One sample's stored blocks from its [S, S] head-mean maps (on the model's device).
+def sample_blocks(maps: dict[int, torch.Tensor], is_vision: torch.Tensor,
+                  plan: dict[str, SignalSpec]) -> dict[str, torch.Tensor]:
+    """One sample's stored blocks from its [S, S] head-mean maps, on the maps' device.
 
     first_tv / penult_tv: [n_text, n_vision]; mid: [n_maps, S*(S+1)/2] packed lower triangles,
     one per teacher layer, or one group mean per student layer when pre-grouped.
@@ -69,7 +73,22 @@ def slice_sample(maps: dict[int, torch.Tensor], is_vision: torch.Tensor,
             blocks[signal] = dense_to_tril(stack)
         else:
             blocks[signal] = tv_block(maps[spec.layers[0]], is_vision)
-    return {name: block.float().cpu().numpy() for name, block in blocks.items()}
+    return blocks
+
+
+def slice_sample(maps: dict[int, torch.Tensor], is_vision: torch.Tensor,
+                 plan: dict[str, SignalSpec]) -> dict[str, np.ndarray]:
+    """``sample_blocks`` as float32 numpy on the host."""
+    return {name: block.float().cpu().numpy() for name, block in sample_blocks(maps, is_vision, plan).items()}
+
+
+def prepare_blocks(codec: Codec, blocks: dict[str, torch.Tensor]) -> dict[str, np.ndarray | Quantised]:
+    """What the writer takes: ``quant2`` quantises on the blocks' device (codes cross to the host),
+    every other codec gets float32 numpy."""
+    if not isinstance(codec, ContextQuantCodec):
+        return {name: block.float().cpu().numpy() for name, block in blocks.items()}
+    return {name: codec.quantise(block, row_lengths_for(name, block.shape), block_rows_for(name, block.shape))
+            for name, block in blocks.items()}
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,6 @@ class TeacherCacher:
             row = {"key": sample.key, "shard": writer.index, "capability": sample.record.capability,
                    "seq_len": layout.seq_len, "n_text": layout.n_text, "n_vision": layout.n_vision,
                    "layout_digest": layout.digest, "layout": json.dumps(layout.summary(), separators=(",", ":"))}
-            writer.add(row, slice_sample(maps, layout.is_vision, self.plan))
+            writer.add(row, prepare_blocks(self.codec, sample_blocks(maps, layout.is_vision, self.plan)))
         if progress is not None:
             progress(len(batch))

@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from cache_teacher import bench
+from pipeline.cache.codecs import synthetic_causal_attention
 from pipeline.measure.results import GIB
 from pipeline.models.load import load_model
 from pipeline.models.shapes import real_config
@@ -58,3 +60,32 @@ def test_estimate_memory_command(tmp_path, tiny_models):
     result = json.loads(out.read_text())
     assert set(result["teachers"]) == {teacher} and "not a measurement" in result["method"]
     assert set(result["teachers"][teacher]["capture_peak_gib"]) == {"1"}
+
+
+def test_encode_stage_figures_on_the_cpu():
+    figures = bench.encode_stage_figures("cpu", size=160, n_maps=3, views=1, threads=2)
+    assert figures["mid_maps"] == 3 and figures["device"] == "cpu"
+    assert figures["entries"] == 3 * 160 * 161 // 2 + 2 * figures["entries_tv_block"]
+    assert figures["codes_bytes_to_host"] <= 2 * figures["entries"]  # 1-2 bytes per entry cross to the host
+    assert 0 < figures["bytes_stored"] < figures["codes_bytes_to_host"] / 3
+    assert figures["host_encode_core_s"] > 0 and figures["host_decode_core_s"] > 0
+    assert figures["teacher_forward_s_estimate_8b_h100_40pct"] > 0.005  # (2 x 7B x 160 + one tile) FLOPs at 400 TFLOP/s
+
+
+def test_real_map_figures_on_generated_maps():
+    pytest.importorskip("imagecodecs", reason="the entropy-stage candidates need the bench extra (imagecodecs)")
+    per_text = [np.stack([synthetic_causal_attention(96, 1, seed=t * 3 + layer, span_len=40, n_heads=2)[0]
+                          for layer in range(3)]) for t in range(2)]
+    result = bench.real_map_figures(per_text)
+    assert result["layers"] == 3 and result["tv_block"] == {"rows": 32, "cols": 64, "layers": [0, 1]}
+    for name, figures in result["causal"].items():
+        assert figures["maps"] == 6 and len(figures["ratio_per_layer"]) == 3
+        bound = {"lossless": 1e-3, "log8": 0.05}.get(name, 0.0099)
+        assert figures["max_per_map_rel_error"] <= bound, name
+        assert figures["encode_mb_per_core_s"] > 0
+    sink = result["causal"]["quant2_sink"]
+    assert sink["max_per_map_rel_error_without_first_column"] <= 0.0099
+    assert result["causal"]["quant2"]["max_per_map_rel_error_without_first_column"] > 0.0099  # why sink exists
+    assert result["causal"]["quant2"]["ratio_vs_raw_fp16_triangle"] > result["causal"]["quant"]["ratio_vs_raw_fp16_triangle"]
+    assert result["text_to_vision"]["quant2"]["maps"] == 4
+    assert set(result["entropy_stage_candidates"]) >= {"jpeg-ls", "jpeg-xl_e1", "context-model (quant2)"}

@@ -197,6 +197,17 @@ def test_existing_cache_with_other_settings_is_refused(tmp_path, tiny_models, ti
     assert sorted(cache.manifest.signals) == ["first_tv", "mid"] and len(cache) == 8
 
 
+def test_a_folder_without_committed_shards_takes_new_settings(tmp_path, tiny_models, tiny_shards, capsys):
+    """A job that stopped before committing anything (e.g. --gpus-per-worker 1 on a machine without GPUs)
+    leaves only cache.json; the corrected re-run replaces it instead of asking for --overwrite."""
+    _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv"])
+    for marker in (tmp_path / "c" / "shards").glob("*.done"):
+        marker.unlink()
+    cache = _cache(tmp_path, tiny_models, tiny_shards, name="c", signals=["first_tv", "mid"])
+    assert sorted(cache.manifest.signals) == ["first_tv", "mid"] and len(cache) == 8
+    assert "holds no committed shard; replacing its manifest" in capsys.readouterr().err
+
+
 def test_truncated_data_shard_names_the_shard(tmp_path, tiny_models, tiny_shards):
     import shutil
 
@@ -261,3 +272,15 @@ def test_reader_refuses_an_index_without_its_columns(tmp_path, tiny_models, tiny
     _reseal_index(tmp_path / "c", 1, pq.read_table(index).drop_columns(["first_tv_row_offset"]))
     with pytest.raises(ValueError, match=r"shard 1: index columns \['first_tv_row_offset'\] are missing"):
         open_cache(tmp_path / "c").keys()
+
+
+def test_ray_start_up_failure_names_the_fix(tmp_path, tiny_models, tiny_shards, monkeypatch):
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise TimeoutError("Timed out waiting for the GCS to start\nmore lines")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(CacheJobError, match=r"could not start a local Ray instance: TimeoutError: Timed out .*--workers 0"):
+        run(CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
+                        out=str(tmp_path / "c"), workers=1, gpus_per_worker=0))

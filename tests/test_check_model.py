@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.data.demo import vocabulary_corpus
 from pipeline.models.check import captured_layers, check_model, check_tokenizer, render
-from pipeline.models.processors import build_tokenizer, family_of
+from pipeline.models.processors import build_tokenizer, family_of, load_processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,53 @@ def test_student_with_another_template_is_a_digest_mismatch(tmp_path, tiny_model
     template.write_text("{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}" + template.read_text())
     with pytest.raises(ValueError, match=r"1-view record check-1view: teacher layout digest .* Likely cause"):
         check_model(tiny_models["internvl", "teacher"], student=student, capture=False, memory=False)
+
+
+# ---------------------------------------------------------------- checkpoints with the real processor fields
+
+REAL = json.loads((REPO / "tests/fixtures/hf_checkpoint_configs.json").read_text(encoding="utf-8"))
+
+
+def _real_layout_checkpoint(out: Path, family: str, role: str) -> Path:
+    """A tiny LM whose vision side and processor are the real checkpoint's: 448 px, patch 14, the real
+    image-processor fields (InternVL3-hf: crop_to_patches defaults, 256 tokens; Qwen2.5-VL: 3136..12845056
+    pixels) and template (Qwen's default system turn)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from pipeline.models.tiny import _tiny_internvl, _tiny_qwen
+
+    real = REAL[family]
+    tokenizer = build_tokenizer(vocabulary_corpus(), family)
+    if family == "internvl":
+        config, processor = _tiny_internvl(tokenizer, role)
+        config.vision_config.image_size, config.vision_config.patch_size = [448, 448], [14, 14]
+        config.image_seq_length = processor.image_seq_length = real["processor"]["image_seq_length"]
+        processor.image_processor = GotOcr2ImageProcessorPil(**real["image_processor"])
+    else:
+        config, processor = _tiny_qwen(tokenizer, role)
+        config.vision_config.patch_size = real["image_processor"]["patch_size"]
+        processor.image_processor = Qwen2VLImageProcessorPil(**real["image_processor"])
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl"])
+def test_real_processor_fields_give_256_tokens_per_image(tmp_path, family):
+    teacher = _real_layout_checkpoint(tmp_path / "teacher", family, "teacher")
+    student = _real_layout_checkpoint(tmp_path / "student", family, "student")
+    report = check_model(teacher, student=student, device="cpu", memory=False)
+    model = report["model"]
+    assert model["vision_tokens_per_image"] == 256 and model["tiling"] == {"tile_size": 448, "max_tiles": 1}
+    one, six = report["layouts"]["1-view"], report["layouts"]["6-view"]
+    assert six["n_vision"] == 6 * 256 and report["student"]["digests_agree"]
+    assert one["answer_span"][1] == one["S"] - 1 and report["capture"]["finite"]
+    tokenizer = load_processor(teacher).tokenizer
+    head = {"internvl": "<|im_start|>user\n<img>",
+            "qwen2_5_vl": f"<|im_start|>system\n{REAL[family]['default_system']}<|im_end|>\n<|im_start|>user\n"
+                          "<|vision_start|>"}[family]
+    assert one["vision_spans"][0][0] == len(tokenizer(head, add_special_tokens=False)["input_ids"])

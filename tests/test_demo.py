@@ -39,6 +39,11 @@ def test_make_demo_small(tmp_path):
         for cell, value in zip(cells, expected):
             assert cell == ("–" if value is None else f"{value:.2f}"), (label, row, expected)
     assert len(re.findall(r"!\[overlay_", report)) == 6
+    study = (REPO / "benchmarks/results/study/study.md").read_text()
+    drive_kd = next(line for line in study.splitlines() if line.startswith("| drive-kd |"))
+    assert "## The study (`make study`)" in report and drive_kd in report  # the committed study table, linked
+    link = re.search(r"from \[study\.md\]\(([^)]+)\)", report).group(1)
+    assert (tmp_path / "reports/demo" / link).resolve() == (REPO / "benchmarks/results/study/study.md").resolve()
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "train_student" not in again.stdout  # finished stages are reused

@@ -227,3 +227,35 @@ def test_options_recorded():
     described = DriveBenchOptions(camera_order="drivebench").describe()
     assert described["camera_order"] == list(DRIVEBENCH_CAMERAS)
     assert described["prediction_yes_no"] == "skip" and described["tags"]["0"] == "multiple choice"
+
+
+# ---------------------------------------------------------------- DriveBench's own prompt and score reading
+
+
+def _drivebench_reads(reply):
+    """DriveBench's reading of a judge reply (worldbench/DriveBench evaluate/request.py): the first match."""
+    match = re.search(r"Total Score:\s*(\d{1,3})\b", reply)
+    return None if match is None else float(match.group(1))
+
+
+@pytest.mark.parametrize("reply", [
+    "1. Answer Correctness (50 points): 50\n2. Object Recognition (10 points): 5\nTotal Score: 55\n\nBrief Summary: ok.",
+    "1. Action Alignment (20 points): 10\nTotal Score: 62\n\nBrief Summary: criterion 1 score: 10 of 20.",
+    "Total Score: 40\nOn reflection the answer is better.\nTotal Score: 70",
+    "Total Score:80",
+    "Total Score: 0",
+    "Total Score: 85.5 (rounded)",
+])
+def test_judge_reads_total_score_as_drivebench_does(reply):
+    from pipeline.evaluation.judge import parse_score
+
+    assert parse_score(reply) == _drivebench_reads(reply) is not None
+
+
+def test_system_prompt_is_drivebench_and_names_its_camera_order():
+    from pipeline.evaluation.evaluate import DRIVEBENCH_SYSTEM_PROMPT
+
+    text = DRIVEBENCH_SYSTEM_PROMPT.read_text(encoding="utf-8")
+    named = re.search(r"in the order \[([A-Z_, ]+)\]", text).group(1).split(", ")
+    assert tuple(named) == DRIVEBENCH_CAMERAS
+    assert "normalized to [0, 1]" in text and "multiple-choice" in text

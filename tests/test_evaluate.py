@@ -234,7 +234,7 @@ def test_drivebench_released_layout_cli_like_for_like(tiny_models, drivebench, t
     run = json.loads((report / "config.json").read_text())
     assert run["data_settings"]["left_out"] == {"prediction yes/no (DriveBench leaves these out)": 1}
     assert run["data_settings"]["camera_order"][:2] == ["CAM_FRONT", "CAM_FRONT_LEFT"]
-    assert run["system_text"].startswith("You are a smart autonomous driving assistant")
+    assert run["system_text"].startswith("## Context\n\nYou are an autonomous driving agent")
     assert json.loads((report / "scores.json").read_text())["run"]["data_settings"] == run["data_settings"]
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.evaluation.scoring import Prediction, write_predictions
-from pipeline.report.report import chance_row, gradient_section
+from pipeline.report.report import chance_row, gradient_section, study_section
 
 
 def _prediction(key, capability, n_options, multiple_choice=True):
@@ -34,3 +34,16 @@ def test_gradient_section_sums_projections_and_averages_cosines():
     assert "| perception | 4 | 2 |" in text and "| planning | 2 | 0 |" in text
     assert "| CE / perception | -0.200 | -0.500 | +0.100 |" in text
     assert "| perception / reasoning | +0.500 | +0.250 | +0.750 |" in text
+
+
+def test_study_section_copies_the_table_and_links_it(tmp_path):
+    study = tmp_path / "results" / "study" / "study.md"
+    study.parent.mkdir(parents=True)
+    study.write_text("# Study: held-out accuracy\n\n| Row | Avg. |\n|---|---:|\n| sft | 40.00 ± 1.00 |\n\nnotes\n")
+    out = tmp_path / "reports" / "demo"
+    out.mkdir(parents=True)
+    section = study_section(str(study), out)
+    assert "| sft | 40.00 ± 1.00 |" in section and "notes" not in section
+    assert "(../../results/study/study.md)" in section and "Study: held-out accuracy" in section
+    with pytest.raises(FileNotFoundError, match="make study"):
+        study_section(str(tmp_path / "missing.md"), out)

@@ -159,7 +159,7 @@ def test_scale_options_validated_at_load():
 
     base = ["--student", "S", "--data", "D", "--out", "R", "--cache", "C"]
     c = config_from_args(build_parser().parse_args(base))
-    assert (c.loss.kind, c.loss.scale, c.loss.balance_ratio) == ("mse", "reference", dict.fromkeys(CAPABILITIES, 0.5))
+    assert (c.loss.kind, c.loss.scale, c.loss.balance_ratio) == ("mse", "balanced", dict.fromkeys(CAPABILITIES, 0.5))
     c = config_from_args(build_parser().parse_args([*base, "--set", "loss.balance_ratio.reasoning=0.2"]))
     assert c.loss.balance_ratio == {"perception": 0.5, "reasoning": 0.2, "planning": 0.5}
     with pytest.raises(ConfigError) as err:

@@ -85,6 +85,9 @@ def test_differences_name_fields_and_ignore_run_control():
     assert any(d.startswith("optim.lr (5e-05 -> 0.001)") for d in diffs)
     assert any(d.startswith("method.agp") for d in diffs) and any(d.startswith("method.reweight") for d in diffs)
     assert not any(d.startswith(("run.max_steps", "data.num_workers")) for d in diffs)
+    old = parse([*BASE, "--cache", "C", "--set", "data.streams=1"]).to_dict()  # as saved before the field existed
+    del old["data"]["streams"], old["run"]["parallel"]
+    assert cfg.differences(old, a) == ["data.streams (1 -> 8)"]
 
 
 def test_saved_config_round_trips(tmp_path):

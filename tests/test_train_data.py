@@ -1,4 +1,5 @@
-"""Streaming data: shard order and splits, resume positions, worker-independent order, the cache join."""
+"""Streaming data: shard order, canonical streams and the rank split, resume positions, worker- and
+world-size-independent order, the cache join."""
 
 import json
 
@@ -22,10 +23,14 @@ from train_student.data import (
     ShardRef,
     check_cache,
     data_shards,
+    deal_streams,
     epoch_shards,
     for_worker,
+    interleave,
     make_loader,
     numbered_members,
+    rank_members,
+    split_problems,
 )
 
 
@@ -81,14 +86,25 @@ def write_cache(root, samples, processor, *, n_mid: int, seed: int = 0, wrong_di
     return written
 
 
-def test_epoch_shards_seeded_order_and_rank_split():
+def test_epoch_shards_seeded_order_and_streams():
     refs = [ShardRef(f"s{i}", 1) for i in range(10)]
     first = epoch_shards(refs, epoch=0, seed=42, shuffle=True)
     assert first == epoch_shards(refs, epoch=0, seed=42, shuffle=True)
     assert first != epoch_shards(refs, epoch=1, seed=42, shuffle=True) and sorted(first, key=lambda r: r.path) == refs
     assert epoch_shards(refs, epoch=0, seed=42, shuffle=False) == refs
-    ranks = [epoch_shards(refs, epoch=0, seed=42, shuffle=True, rank=r, world=3) for r in range(3)]
-    assert sorted(sum(ranks, []), key=lambda r: r.path) == refs and [len(r) for r in ranks] == [4, 3, 3]
+    streams = deal_streams(refs, 4)
+    assert [[r.path for r in st] for st in streams] == [["s0", "s4", "s8"], ["s1", "s5", "s9"], ["s2", "s6"], ["s3", "s7"]]
+    assert deal_streams(refs[:2], 4)[2:] == [[], []]
+    assert list(interleave([2, 1, 3])) == [0, 1, 2, 0, 2, 2] and list(interleave([0, 2])) == [1, 1]
+    assert list(interleave([])) == []
+
+
+def test_split_problems_name_the_fix():
+    refs = [ShardRef(f"s{i}", 1) for i in range(3)]
+    assert split_problems(refs, streams=8, world=2, where="D") == []
+    text = " ".join(split_problems(refs, streams=8, world=3, where="D"))
+    assert "data.streams=8 is not a multiple of the 3" in text and "--set data.streams=24" in text
+    assert "D has 3 non-empty shard(s) for 4 data-parallel ranks" in split_problems(refs, streams=8, world=4, where="D")[0]
 
 
 def test_numbered_members_resume_and_truncation(shards):
@@ -100,7 +116,22 @@ def test_numbered_members_resume_and_truncation(shards):
     assert [i for i, *_ in numbered_members(unopened, start=3)] == [3, 4, 5, 6]  # the missing shard is never opened
     with pytest.raises(ShardError, match="holds 3 samples, its manifest says 4"):
         list(numbered_members([ShardRef(refs[0].path, 4)]))
-    assert [x[0] for x in for_worker(iter([(5,), (6,), (7,), (8,), (9,)]), start=5, worker=1, num_workers=2)] == [6, 8]
+    assert [x[0] for x in for_worker(iter([(5,), (6,), (7,), (8,), (9,)]), worker=1, num_workers=2)] == [6, 8]
+
+
+def test_rank_members_take_their_positions_of_one_order(shards):
+    """Ranks reading their own streams together yield the one-rank order; a resume starts mid-stream."""
+    refs, _ = data_shards(str(shards))  # 3 + 3 + 1 samples
+    streams = deal_streams(refs, 4)
+    whole = [(i, key) for i, key, _, _ in rank_members(streams, range(4))]
+    assert [i for i, _ in whole] == list(range(7)) and len({key for _, key in whole}) == 7
+    first = [s.key for s in iter_samples(shards)]
+    assert [key for _, key in whole] == [first[j] for j in (0, 3, 6, 1, 4, 2, 5)]  # round-robin over the shards
+    ranks = [[(i, key) for i, key, _, _ in rank_members(streams, range(r, 4, 2))] for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == whole and [i for i, _ in ranks[1]] == [1, 4, 6]
+    assert [(i, key) for i, key, _, _ in rank_members(streams, [0, 2], start=3)] == [p for p in ranks[0] if p[0] >= 3]
+    unopened = deal_streams([refs[0], ShardRef(str(shards / "no-such-shard.tar"), 3), refs[2]], 4)
+    assert [i for i, *_ in rank_members(unopened, [0, 2])] == [0, 2, 3, 5]  # stream 1's shard is never opened
 
 
 def test_stream_order_does_not_depend_on_workers(shards, tiny_models):

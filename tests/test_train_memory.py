@@ -13,7 +13,7 @@ from pipeline.measure.results import GIB
 from pipeline.models.load import load_model
 from schemas.method import LayerPlan
 from train_student import bench
-from train_student.memory import estimate_peak, item_bytes
+from train_student.memory import estimate_peak, item_bytes, per_gpu
 from train_student.setup import build_trainer
 
 
@@ -114,11 +114,30 @@ def test_estimate_memory_command_writes_every_option(tiny_models, tmp_path, monk
     out = tmp_path / "estimate.json"
     monkeypatch.setattr(bench, "cached_modes", lambda extra: [(n, bench.MODES[n][1]) for n in ("sft", "drive_kd_agp")])
     bench.main(["--estimate-memory", "--student-shape", str(tiny_models["internvl", "student"]), "--views", "1",
-                "--out", str(out)])
+                "--out", str(out), "--world-size", "1", "4", "--parallel", "none", "ddp", "fsdp"])
     result = json.loads(out.read_text())
-    assert set(result["modes"]) == {"sft", "drive_kd_agp"} == set(result["under_24gb"])
+    assert set(result["modes"]) == {"sft", "drive_kd_agp"} == set(result["under_24gb"]) == set(result["per_gpu"])
     assert "estimate, not a measurement" in result["method"]
     assert result["modes"]["sft"]["peak_gib"] < result["modes"]["drive_kd_agp"]["peak_gib"]
+    agp = result["per_gpu"]["drive_kd_agp"]
+    assert set(agp["none"]) == {"1"} and set(agp["ddp"]) == set(agp["fsdp"]) == {"1", "4"}
+    assert agp["none"]["1"] == agp["ddp"]["4"] == agp["ddp"]["1"]  # a replica per GPU
+    assert agp["fsdp"]["4"]["peak_gib"] < agp["ddp"]["4"]["peak_gib"]
+
+
+def test_per_gpu_shards_the_persistent_state_under_fsdp():
+    gib = 2 ** 30
+    estimate = {"phase_peaks_gib": {"micro-step": 40.0, "optimizer step": 24.0}, "weights_gib": 4.0, "setup_gib": 20.0,
+                "after_step_gib": 28.0, "trainable_params": gib // 4,  # bank 16, optimizer 8, gradient 1 GiB
+                "decoder_weights_gib": 3.0, "decoder_layers": 4}
+    assert per_gpu(estimate, world_size=8, parallel="ddp", plain=False) == {"peak_gib": 40.0, "peak_phase": "micro-step"}
+    assert per_gpu(estimate, world_size=8, parallel="ddp", plain=True)["peak_gib"] == 40.0
+    # 40 + 4/8 - (8 + 16 + 1) * 7/8 = 18.625 during the micro-steps; the optimizer step on shards: 24 / 8
+    assert per_gpu(estimate, world_size=8, parallel="fsdp", plain=False) == {"peak_gib": 18.625,
+                                                                             "peak_phase": "micro-step"}
+    assert per_gpu(estimate, world_size=1, parallel="fsdp", plain=False)["peak_gib"] == 44.0  # + the unsharded copy
+    # one backward per micro-step: the root's weights (1) and two of the four layers (1.5) unsharded
+    assert per_gpu(estimate, world_size=8, parallel="fsdp", plain=True)["peak_gib"] == 40 + 2.5 - 3.5 - 25 * 7 / 8
 
 
 def test_synthetic_benchmark_runs_every_mode_on_cpu(tiny_models):

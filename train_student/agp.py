@@ -8,14 +8,19 @@ O(n^3) on the device without syncs; the result is applied as one linear combinat
 ``agp_reference`` is the direct definition on flat vectors (the test oracle);
 ``agp_coefficients`` is the Gram-space version; ``GradBank`` holds the per-term gradients of one
 micro-step; ``agp_step`` wires them together.
+
+Sharded parameters (FSDP2 DTensors, train_student.distributed): the bank holds each parameter's LOCAL
+shard, its Gram matrix is the sum of the per-shard Grams over the ranks (the bank's ``reduce``), and
+the coefficients, the same on every rank, are applied to the local rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 NORM_FLOOR = 1e-20  # |a|^2 floor of proj(f, a)
 
@@ -98,11 +103,18 @@ def agp_coefficients(gram: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
     return coeffs, torch.stack([stage1.long(), stage2_base])
 
 
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 class GradBank:
     """Flat per-term gradient rows of one micro-step plus the window's combined gradient.
 
     Memory: ``max_terms * P * bytes(dtype)`` for the rows plus ``P * 4`` for the float32 window
-    total, P = number of trainable parameter elements.
+    total, P = number of trainable parameter elements (of the local shards, for sharded parameters).
+    ``reduce``: in-place sum over the ranks of a Gram matrix of local shards (sharded parameters);
+    None when the rows are whole gradients.
 
     Usage per micro-step: for each term, backward its loss then ``store(row)`` (row 0 = CE);
     ``combine(coeffs, n)`` adds ``coeffs @ rows[:n]`` to the window total. Before the optimizer
@@ -110,7 +122,8 @@ class GradBank:
     of ``.grad`` until then, so later backward passes of the window capture only their own term.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], max_terms: int, *, dtype=torch.float32):
+    def __init__(self, params: Iterable[nn.Parameter], max_terms: int, *, dtype=torch.float32,
+                 reduce: Callable[[Tensor], None] | None = None):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("GradBank got no parameters with requires_grad=True")
@@ -121,11 +134,12 @@ class GradBank:
         devices = {p.device for p in self.params}
         if len(devices) != 1:
             raise ValueError(f"GradBank needs all parameters on one device, found {devices}")
+        self.reduce = reduce
         self.offsets = []
         total = 0
         for p in self.params:
             self.offsets.append(total)
-            total += p.numel()
+            total += local(p).numel()
         device = devices.pop()
         self.buffer = torch.zeros(max_terms, total, dtype=dtype, device=device)
         self.total = torch.zeros(total, dtype=torch.float32, device=device)
@@ -138,23 +152,28 @@ class GradBank:
         """Copy every parameter's ``.grad`` (None -> zeros) into ``row`` and reset ``.grad`` to None."""
         self._check_rows(row + 1)
         for p, off in zip(self.params, self.offsets):
-            dst = self.buffer[row, off : off + p.numel()]
+            dst = self.buffer[row, off : off + local(p).numel()]
             if p.grad is None:
                 dst.zero_()
             else:
-                dst.copy_(p.grad.reshape(-1))
+                dst.copy_(local(p.grad).reshape(-1))
             p.grad = None
 
     def gram(self, n: int) -> Tensor:
         """``[n, n]`` float32 Gram matrix of rows ``0..n-1`` (one matmul; bf16 rows give a bf16
-        product, rounded to about 3 significant digits per entry)."""
+        product, rounded to about 3 significant digits per entry); summed over the ranks with ``reduce``."""
         self._check_rows(n)
         rows = self.buffer[:n]
-        return (rows @ rows.T).float()
+        gram = (rows @ rows.T).float()
+        if self.reduce is not None:
+            self.reduce(gram)
+        return gram
 
     def norms(self, n: int) -> Tensor:
         """``[n]`` float32 L2 norms of rows ``0..n-1`` (the square root of the Gram diagonal)."""
         self._check_rows(n)
+        if self.reduce is not None:
+            return self.gram(n).diagonal().clamp_min(0).sqrt()
         return torch.linalg.vector_norm(self.buffer[:n], dim=1, dtype=torch.float32)
 
     def combine(self, coeffs: Tensor, n: int) -> None:
@@ -170,11 +189,11 @@ class GradBank:
     def flush_to_grads(self) -> None:
         """Add the window total into each parameter's ``.grad`` (allocated if None), zero the total."""
         for p, off in zip(self.params, self.offsets):
-            g = self.total[off : off + p.numel()].view_as(p)
+            shard = local(p)
+            g = self.total[off : off + shard.numel()].view_as(shard)
             if p.grad is None:
-                p.grad = g.to(p.dtype, copy=True)
-            else:
-                p.grad.add_(g)
+                p.grad = torch.zeros_like(p)
+            local(p.grad).add_(g)
         self.total.zero_()
 
 

@@ -4,6 +4,7 @@
     python -m train_student.bench --synthetic         # GPU default: InternVL3-1B-shape student,
                                                       # InternVL3-8B-shape teacher, synthetic 6-view samples
     python -m train_student.bench --estimate-memory   # no GPU needed: estimated peak GPU memory per option
+    python -m train_student.bench --estimate-memory --world-size 1 2 4 8 --parallel ddp fsdp   # per GPU
 
 Modes: ``sft`` (CE only), ``drive_kd_agp`` (cached maps, AGP + reweighting: the default),
 ``drive_kd_no_agp`` (cached maps, plain weighted sum in one backward), ``online_teacher`` (the
@@ -43,7 +44,7 @@ from pipeline.models.tiny import build_tiny
 from schemas.method import CAPABILITIES, ROLES, LayerPlan
 from train_student import config as cfg
 from train_student.data import TrainItem
-from train_student.memory import estimate_peak
+from train_student.memory import estimate_peak, per_gpu
 from train_student.metrics import read_jsonl
 from train_student.online import OnlineTeacher
 from train_student.setup import build_trainer
@@ -192,18 +193,30 @@ def run_synthetic(args, device: torch.device) -> dict:
 
 
 def run_estimate(args) -> dict:
-    """Peak GPU memory of every cached mode and memory option, traced with fake tensors on the CPU
-    (``train_student.memory``): the default config (grad_accum 4) with bf16 autocast as on a GPU."""
+    """Peak GPU memory of every cached mode and memory option (or ``args.modes``), traced with fake tensors on
+    the CPU (``train_student.memory``): the default config (grad_accum 4) with bf16 autocast as on a GPU; per
+    GPU for each of ``args.world_size`` under each of ``args.parallel`` (``train_student.memory.per_gpu``)."""
     student_config = shape_config(args.student_shape)
     k = len(LayerPlan.for_model(student_config.get_text_config().num_hidden_layers).mid)
     items = synthetic_items(student_config, n=2, views=args.views, k=k)
     result = {"student": args.student_shape, "views": args.views, "seq_len": items[0].labels.numel(),
-              "method": f"{METHOD}; the trainer's own micro-steps and optimizer steps (train_student.memory)",
-              "modes": {}}
+              "method": f"{METHOD}; the trainer's own micro-steps and optimizer steps (train_student.memory); "
+                        "per GPU: ddp = one process (+ one all-reduce bucket in the plain mode), fsdp = the "
+                        "traced parts with weights, bank, optimizer state and gradients as 1/world shards plus "
+                        "one unsharded copy of the weights (train_student.memory.per_gpu)",
+              "modes": {}, "per_gpu": {}}
     for name, overrides in cached_modes(True):
+        if args.modes and name not in args.modes:
+            continue
         overrides = {**overrides, "model": {**overrides.get("model", {}), "precision": "bf16"}}
-        result["modes"][name] = estimate_peak(student_config, mode_config(name, overrides), items)
-        print(name, result["modes"][name], file=sys.stderr)
+        config = mode_config(name, overrides)
+        estimate = result["modes"][name] = estimate_peak(student_config, config, items)
+        plain = not (config.method.agp or config.method.reweight)
+        result["per_gpu"][name] = {parallel: {str(world): per_gpu(estimate, world_size=world, parallel=parallel,
+                                                                  plain=plain)
+                                              for world in args.world_size if parallel != "none" or world == 1}
+                                   for parallel in args.parallel}
+        print(name, estimate, result["per_gpu"][name], file=sys.stderr)
     result["under_24gb"] = {name: m["peak_gib"] < 24 for name, m in result["modes"].items()}
     return result
 
@@ -253,6 +266,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="no device needed: estimate the peak GPU memory of each cached mode and memory option "
                         "at --student-shape with fake tensors (train_student.memory); writes "
                         "benchmarks/results/train_memory-estimate_<student>.json")
+    p.add_argument("--world-size", type=int, nargs="+", default=[1], metavar="N",
+                   help="--estimate-memory: GPUs to give the per-GPU peak for (e.g. 1 2 4 8)")
+    p.add_argument("--parallel", nargs="+", default=["none"], choices=cfg.PARALLEL_MODES,
+                   help="--estimate-memory: run.parallel modes of the per-GPU peak (ddp, fsdp; none: one process)")
+    p.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="--estimate-memory: only these modes/options (default: all, see GPU_MEMORY_OPTIONS)")
     p.add_argument("--student-shape", default="InternVL3-1B", help="real-size name or model directory (synthetic)")
     p.add_argument("--teacher-shape", default="InternVL3-8B", help="real-size name or model directory (synthetic)")
     p.add_argument("--views", type=int, default=6, help="camera views per synthetic sample")

@@ -6,6 +6,11 @@ the AGP order generator) and ``meta.json`` (format version, resolved config, loo
 step, epoch, data position, samples, log sizes; the balanced-scale calibration, if any). It is written to ``checkpoint-STEP.tmp`` and
 renamed, then ``latest`` is replaced atomically, so a kill never leaves a half checkpoint behind
 ``latest``. Checkpoints are only written at optimizer-step boundaries after finite losses.
+
+Several processes (train_student.distributed): rank 0 writes; under fsdp the full model and optimizer
+state are gathered to it first (the directory is the same as one process writes, loadable with
+transformers alone); the RNG states of every rank are kept (``rng_ranks``), and ``meta.json`` records
+the world size, which a resume must match.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from schemas.checkpoint import (
     LoopState,
 )
 from train_student.config import differences
+from train_student.distributed import Dist, full_state, load_full_optimizer_state
 
 
 class CheckpointError(ValueError):
@@ -59,29 +65,38 @@ def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, model, processor, optimizer, scheduler, reweighter, generator,
-                    loop: LoopState, config: dict, keep_last: int = 0, calibration: dict | None = None) -> Path:
+                    loop: LoopState, config: dict, keep_last: int = 0, calibration: dict | None = None,
+                    dist: Dist | None = None) -> Path:
     """Write ``checkpoint-{loop.step}``, point ``latest`` at it and prune to ``keep_last`` (0: keep all);
-    ``calibration``: the ``loss.scale=balanced`` record (``train_student.scale.calibrate``)."""
+    ``calibration``: the ``loss.scale=balanced`` record (``train_student.scale.calibrate``). With several
+    processes every rank calls it (the states are gathered) and rank 0 writes."""
+    dist = dist or Dist()
+    model_state, optimizer_state = (full_state(model, optimizer) if dist.parallel == "fsdp"
+                                    else (None, optimizer.state_dict()))
+    rngs = dist.gather_all(rng_state(generator))
     name = f"checkpoint-{loop.step}"
     final, tmp = run_dir / name, run_dir / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "reweighter": reweighter.state_dict() if reweighter is not None else None,
-                "rng": rng_state(generator)}, tmp / STATE_NAME)
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "loop": asdict(loop),
-            "calibration": calibration}
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = run_dir / f"{LATEST_NAME}.tmp"
-    pointer.write_text(name + "\n", encoding="utf-8")
-    os.replace(pointer, run_dir / LATEST_NAME)
-    if keep_last:
-        steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-        for step in steps[:-keep_last]:
-            shutil.rmtree(run_dir / f"checkpoint-{step}", ignore_errors=True)
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=model_state)
+        processor.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "reweighter": reweighter.state_dict() if reweighter is not None else None,
+                    "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})}, tmp / STATE_NAME)
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "loop": asdict(loop),
+                "calibration": calibration, "world_size": dist.world}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = run_dir / f"{LATEST_NAME}.tmp"
+        pointer.write_text(name + "\n", encoding="utf-8")
+        os.replace(pointer, run_dir / LATEST_NAME)
+        if keep_last:
+            steps = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*")
+                           if p.name.split("-")[1].isdigit())
+            for step in steps[:-keep_last]:
+                shutil.rmtree(run_dir / f"checkpoint-{step}", ignore_errors=True)
+    dist.barrier()  # every rank returns once the checkpoint is complete
     return final
 
 
@@ -103,12 +118,21 @@ def find_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def read_meta(path: Path, config: dict) -> tuple[dict, LoopState]:
-    """The checkpoint's meta and loop state; refuses another format version or a differing config."""
+def read_meta(path: Path, config: dict, *, world_size: int = 1) -> tuple[dict, LoopState]:
+    """The checkpoint's meta and loop state; refuses another format version, a differing config or another
+    world size (``world_size``: this run's processes)."""
     meta = json.loads((path / META_NAME).read_text(encoding="utf-8"))
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint {meta.get('format')!r} version {meta.get('version')!r}; this "
                               f"trainer resumes {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
+    saved_world = meta.get("world_size", 1)  # absent in metas of one-process runs before distributed training
+    if saved_world != world_size:
+        launch = (f"torchrun --nproc-per-node {saved_world} -m train_student ... (make train NPROC={saved_world})"
+                  if saved_world > 1 else "python -m train_student ... (make train)")
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written by a run of world size {saved_world} (run.parallel="
+            f"{meta['config'].get('run', {}).get('parallel', 'none')}), this run has world size {world_size}. An "
+            f"exact resume needs the same world size: relaunch as {launch}, or start a new --out")
     diffs = differences(meta["config"], config)
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs) +
@@ -122,11 +146,18 @@ def read_meta(path: Path, config: dict) -> tuple[dict, LoopState]:
     return meta, LoopState(**meta["loop"])
 
 
-def restore_state(path: Path, *, optimizer, scheduler, reweighter, generator) -> None:
-    """Load optimizer, scheduler, reweighting and RNG states saved by ``save_checkpoint``."""
-    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+def restore_state(path: Path, *, optimizer, scheduler, reweighter, generator, model=None,
+                  dist: Dist | None = None) -> None:
+    """Load optimizer, scheduler, reweighting and RNG states saved by ``save_checkpoint`` (fsdp: the full
+    optimizer state read on rank 0 and sharded into ``model``'s optimizer; every rank its own RNG state)."""
+    dist = dist or Dist()
+    fsdp = dist.parallel == "fsdp"  # every rank maps the file; only rank 0 reads the full optimizer state
+    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True, mmap=fsdp)
+    if fsdp:
+        load_full_optimizer_state(model, optimizer, state["optimizer"] if dist.main else {})
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if reweighter is not None:
         reweighter.load_state_dict(state["reweighter"])
-    set_rng_state(state["rng"], generator)
+    set_rng_state(state["rng_ranks"][dist.rank] if "rng_ranks" in state else state["rng"], generator)

@@ -22,8 +22,10 @@ from train_student.mixing import DEFAULT_MIX, normalise_mix
 PRECISIONS = ("auto", "bf16", "fp32")
 BANK_DTYPES = ("fp32", "bf16")
 SCALES = ("reference", "balanced")
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
 RUN_CONTROL = ("run.out", "run.device", "run.max_steps", "run.save_every", "run.keep_last", "run.progress",
-               "data.num_workers")
+               "run.backend", "run.timeout_s", "data.num_workers")
 """Fields a resumed run may change: they steer the run (or locate it), not what it computes."""
 
 
@@ -43,6 +45,11 @@ class DataConfig:
     """DataLoader worker processes decoding images and cached maps (0: in the training process)."""
     shuffle_shards: bool = True
     """visit the shards in a seeded random order per epoch (samples keep their order inside a shard)."""
+    streams: int = 8
+    """canonical streams the epoch's shards are dealt to (shard i of the epoch order to stream i mod streams);
+    the sample order interleaves them round-robin and depends on this number, never on the world size or
+    the worker count. Under ``run.parallel=ddp`` each rank reads whole streams, so the world size must divide
+    it (train_student.data)."""
 
 
 @dataclass
@@ -89,10 +96,11 @@ class LossConfig:
     gradients ~1e-7 of CE's), kl (per query row, KL(teacher || student) of the rows renormalised over the
     text-to-vision block for p/d and over the causal row for r, MiniLM-style) or cosine (per-row cosine
     distance, the paper's ablation)."""
-    scale: str = "reference"
-    """how the distillation lambdas are set: reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6) or
-    balanced (calibrated once on the first window of a fresh run, from each term's mean unweighted gradient
-    norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
+    scale: str = "balanced"
+    """how the distillation lambdas are set: balanced (the default, chosen on the study's evidence: README,
+    The study) or reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6; its terms are inert, and
+    --set loss.scale=reference --set loss.kind=mse is METHOD exactly). balanced: calibrated once on the first
+    window of a fresh run, from each term's mean unweighted gradient norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
     first metrics row; lam_p/lam_r/lam_d then only switch a term off with 0). With reweighting, the
     reweighter learns a factor on the calibrated lambdas, steering towards these ratios (train_student.scale)."""
     balance_ratio: dict[str, float] = field(default_factory=lambda: {r: 0.5 for r in ROLES})
@@ -154,6 +162,15 @@ class RunConfig:
     """auto (cuda if available), cuda, cuda:N or cpu."""
     progress: bool = True
     """show the progress bar."""
+    parallel: str = "none"
+    """none (one process), ddp (data parallel: every rank a replica training on its streams; the window
+    gradient all-reduced once per optimizer step) or fsdp (FSDP2: weights, gradient bank and optimizer state
+    sharded per decoder layer; every rank runs every sample). ddp and fsdp need torchrun
+    (train_student.distributed)."""
+    backend: str = "auto"
+    """torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+    timeout_s: int = 600
+    """seconds a rank waits for the others in a collective before it stops with an error (a dead rank)."""
 
 
 @dataclass
@@ -280,6 +297,7 @@ def validate(c: TrainConfig) -> list[str]:
     _check(p, c.run.max_steps is None or c.run.max_steps >= 1, f"run.max_steps={c.run.max_steps} must be >= 1")
     _check(p, c.run.save_every >= 0, f"run.save_every={c.run.save_every} must be >= 0 (0: only at the end)")
     _check(p, c.run.keep_last >= 0, f"run.keep_last={c.run.keep_last} must be >= 0 (0: keep all)")
+    p += _parallel_problems(c)
     m = c.method
     _check(p, math.isfinite(m.reweight_alpha), f"method.reweight_alpha={m.reweight_alpha} must be finite")
     _check(p, m.reweight_lr > 0, f"method.reweight_lr={m.reweight_lr} must be > 0")
@@ -331,6 +349,18 @@ def _optim_problems(c: TrainConfig) -> list[str]:
     return p
 
 
+def _parallel_problems(c: TrainConfig) -> list[str]:
+    p: list[str] = []
+    r = c.run
+    _check(p, r.parallel in PARALLEL_MODES, f"run.parallel={r.parallel!r}: choose from {PARALLEL_MODES}")
+    _check(p, r.backend in BACKENDS, f"run.backend={r.backend!r}: choose from {BACKENDS}")
+    _check(p, r.timeout_s >= 1, f"run.timeout_s={r.timeout_s} must be >= 1")
+    _check(p, c.data.streams >= 1, f"data.streams={c.data.streams} must be >= 1")
+    _check(p, not (c.model.online_teacher and r.parallel != "none"),
+           f"model.online_teacher (ablation) runs in one process: use run.parallel=none, not {r.parallel!r}")
+    return p
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Settings implied by others, made explicit: SFT has no AGP and no reweighting (one term);
     ``method.reweight=None`` follows ``method.agp``; unused caches are dropped."""
@@ -343,15 +373,22 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return config
 
 
+ADDED_FIELDS = {"data.streams": 1, "run.parallel": "none"}
+"""Fields added after checkpoints were first written -> the value in effect before they existed (one
+process reading the shards one after another), which a saved config without them is compared as."""
+
+
 def differences(saved: dict, current: dict, *, ignore=RUN_CONTROL) -> list[str]:
-    """Dotted names of the fields whose values differ between two ``to_dict()`` configs."""
+    """Dotted names of the fields whose values differ between two ``to_dict()`` configs (a field missing
+    from ``saved`` counts as its ``ADDED_FIELDS`` value)."""
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section, {}), current.get(section, {})
         for name in sorted(set(a) | set(b)):
             dotted = f"{section}.{name}"
-            if dotted not in ignore and a.get(name) != b.get(name):
-                diffs.append(f"{dotted} ({a.get(name)!r} -> {b.get(name)!r})")
+            old = a.get(name, ADDED_FIELDS.get(dotted))
+            if dotted not in ignore and old != b.get(name):
+                diffs.append(f"{dotted} ({old!r} -> {b.get(name)!r})")
     return diffs
 
 

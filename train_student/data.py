@@ -2,21 +2,25 @@
 
 A chain of small generator stages, each testable on plain lists::
 
-    epoch_shards (seeded shard order, split by rank) -> numbered_members (tar members grouped by key,
-    numbered in the rank's stream, resuming at a position without decoding) -> for_worker (every
-    num_workers-th sample) -> decode -> SampleJoiner (layout, digest check, cached targets)
+    epoch_shards (seeded shard order) -> deal_streams (shard i to canonical stream i mod data.streams)
+    -> rank_members (the epoch's positions interleave the streams round-robin; a rank reads only its own
+    streams, whole shards, resuming at a position without decoding) -> for_worker (every num_workers-th
+    of the rank's samples) -> decode -> SampleJoiner (layout, digest check, cached targets)
 
-The rank's sample order does not depend on the number of workers: worker w takes stream positions
-``start + w, start + w + W, ...`` and the DataLoader's round-robin over workers returns them in stream
-order. Resuming an epoch at position p skips p samples without decoding them, so a run killed and
-resumed trains every sample of the epoch exactly once.
+The epoch's sample order is fixed by the shards, the seed and ``data.streams``: it does not depend on the
+world size (rank r of W reads the streams c with c mod W == r and takes their positions of the common
+order) nor on the number of workers (worker w takes the rank's samples w, w + W, ... and the DataLoader's
+round-robin over workers returns them in order). Optimizer step k of an epoch covers positions
+``[k * grad_accum, (k + 1) * grad_accum)`` on however many ranks. Resuming an epoch at position p skips
+p samples without decoding them, so a run killed and resumed trains every sample of the epoch exactly once.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import random
 import tarfile
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -25,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.attention.layout import LAYOUT_VERSION, TilingPolicy, build_layout, default_tiling
-from pipeline.attention.maps import group_mean
 from pipeline.cache.format import CacheIntegrityError
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.data.shards import Sample, ShardError, decode_sample, group_by_key, read_manifest, tar_members
@@ -55,7 +58,7 @@ class TrainItem:
 
     key: str
     index: int
-    """position in the rank's epoch stream."""
+    """position in the epoch's sample order (common to all ranks)."""
     capability: str = ""
     inputs: dict = field(default_factory=dict)
     labels: torch.Tensor | None = None
@@ -71,24 +74,29 @@ class TrainItem:
 
 
 # ---------------------------------------------------------------- stages
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else $RANK / $WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def epoch_shards(shards: list[ShardRef], *, epoch: int, seed: int, shuffle: bool, rank: int = 0,
-                 world: int = 1) -> list[ShardRef]:
-    """This rank's shards for ``epoch``: a seeded per-epoch shard order, then every world-th shard."""
+def epoch_shards(shards: list[ShardRef], *, epoch: int, seed: int, shuffle: bool) -> list[ShardRef]:
+    """The shard order of ``epoch``: seeded per epoch, or as listed."""
     order = list(shards)
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order[rank::world]
+    return order
+
+
+def deal_streams(order: list[ShardRef], streams: int) -> list[list[ShardRef]]:
+    """Shard i of ``order`` to canonical stream ``i mod streams`` (streams beyond the shard count stay empty)."""
+    return [order[c::streams] for c in range(streams)]
+
+
+def interleave(lengths: list[int]) -> Iterator[int]:
+    """The stream of each epoch position: round-robin over the streams that still have samples.
+
+    ``lengths``: samples per stream. ``interleave([2, 1, 3]) -> 0 1 2 0 2 2``."""
+    for k in range(max(lengths, default=0)):
+        yield from (c for c, n in enumerate(lengths) if n > k)
 
 
 def numbered_members(shards: Iterable[ShardRef], *, start: int = 0) -> Iterator[tuple[int, str, dict, str]]:
-    """(stream position, key, {member: bytes}, shard path) from ``start`` on; earlier samples are not
+    """(position in ``shards``, key, {member: bytes}, shard path) from ``start`` on; earlier samples are not
     decoded and whole shards before ``start`` are not opened. Checks each shard's sample count."""
     index = 0
     for shard in shards:
@@ -111,9 +119,28 @@ def numbered_members(shards: Iterable[ShardRef], *, start: int = 0) -> Iterator[
                              "file is truncated or was replaced. Fix: re-run `python -m pipeline.ingest`.")
 
 
-def for_worker(stream: Iterable[tuple], *, start: int, worker: int, num_workers: int) -> Iterator[tuple]:
-    """Stream positions ``start + worker + j * num_workers`` (items are (position, ...) tuples)."""
-    return (item for item in stream if (item[0] - start) % num_workers == worker)
+def rank_members(streams: list[list[ShardRef]], owned: Iterable[int], *,
+                 start: int = 0) -> Iterator[tuple[int, str, dict, str]]:
+    """(epoch position, key, {member: bytes}, shard path) of the positions from ``start`` on that fall in
+    the ``owned`` streams, in position order; only the owned streams' shards are opened."""
+    lengths = [sum(s.samples for s in stream) for stream in streams]
+    schedule = list(interleave(lengths))
+    before = [0] * len(streams)
+    for c in schedule[:start]:
+        before[c] += 1
+    readers = {c: numbered_members(streams[c], start=before[c]) for c in owned if lengths[c] > before[c]}
+    for position in range(start, len(schedule)):
+        reader = readers.get(schedule[position])
+        if reader is not None:
+            _, key, files, path = next(reader)
+            yield position, key, files, path
+    for reader in readers.values():  # past each stream's last sample: its last shard's count check
+        deque(reader, maxlen=0)
+
+
+def for_worker(stream: Iterable[tuple], *, worker: int, num_workers: int) -> Iterator[tuple]:
+    """Items ``worker, worker + num_workers, ...`` of ``stream``."""
+    return (item for j, item in enumerate(stream) if j % num_workers == worker)
 
 
 def decode(stream: Iterable[tuple[int, str, dict, str]]) -> Iterator[tuple[int, Sample]]:
@@ -167,35 +194,49 @@ class SampleJoiner:
                          inputs=layout.model_inputs, labels=layout.labels, is_vision=layout.is_vision,
                          answer_start=layout.answer_span[0], targets=targets)
 
-    def _target(self, entry, role: str) -> torch.Tensor:
+    def _target(self, entry, role: str):
+        """A float32 tensor, or (codec quant2) a DeviceTarget: codes that dequantise (and group) on the
+        device the micro-step moves them to."""
         if role == "reasoning":
-            packed = torch.from_numpy(entry.mid_packed())
-            return packed if self.grouped else group_mean(packed, self.k)
-        return torch.from_numpy(getattr(entry, ROLE_SIGNAL[role]))
+            return entry.target("mid", group=None if self.grouped else self.k)
+        return entry.target(ROLE_SIGNAL[role])
 
 
 # ---------------------------------------------------------------- dataset and loader
 @dataclass
 class DataSource:
-    """Everything the workers need (picklable): the shards, the joiner and the split settings."""
+    """Everything the workers need (picklable): the shards, the joiner and the split settings.
+
+    ``rank`` / ``world``: this process among the data-parallel ranks (``run.parallel=ddp``; 0 / 1 otherwise);
+    it reads the canonical streams ``c`` with ``c mod world == rank``."""
 
     shards: list[ShardRef]
     joiner: SampleJoiner
     seed: int = 42
     shuffle: bool = True
+    streams: int = 8
     rank: int = 0
     world: int = 1
 
-    def shards_for(self, epoch: int) -> list[ShardRef]:
-        return epoch_shards(self.shards, epoch=epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-                            world=self.world)
+    def epoch_streams(self, epoch: int) -> list[list[ShardRef]]:
+        return deal_streams(epoch_shards(self.shards, epoch=epoch, seed=self.seed, shuffle=self.shuffle),
+                            self.streams)
+
+    def owned(self) -> list[int]:
+        """This rank's canonical streams."""
+        return list(range(self.rank, self.streams, self.world))
 
     def epoch_samples(self, epoch: int) -> int:
-        return sum(s.samples for s in self.shards_for(epoch))
+        """Samples of the epoch on all ranks together."""
+        return sum(s.samples for s in self.shards)
+
+    def rank_samples(self, epoch: int) -> int:
+        streams = self.epoch_streams(epoch)
+        return sum(s.samples for c in self.owned() for s in streams[c])
 
 
 class TrainStream(IterableDataset):
-    """One epoch of the rank's stream from position ``start``, split over the DataLoader workers."""
+    """One epoch of the rank's stream from epoch position ``start``, split over the DataLoader workers."""
 
     def __init__(self, source: DataSource, *, epoch: int, start: int = 0):
         self.source, self.epoch, self.start = source, epoch, start
@@ -203,8 +244,8 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[TrainItem]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        members = numbered_members(self.source.shards_for(self.epoch), start=self.start)
-        mine = for_worker(members, start=self.start, worker=worker, num_workers=num_workers)
+        members = rank_members(self.source.epoch_streams(self.epoch), self.source.owned(), start=self.start)
+        mine = for_worker(members, worker=worker, num_workers=num_workers)
         for index, sample in decode(mine):
             yield self.source.joiner(index, sample)
 
@@ -283,14 +324,28 @@ def skip_everything(shards: list[ShardRef], caches: dict[str, TeacherCache], dig
     return problems
 
 
-def open_source(config, *, student_dir: str, family: str, num_layers: int) -> DataSource:
-    """Validate data and caches against the student (every problem in one DataError) and describe
-    the stream. ``config`` is the resolved TrainConfig, ``student_dir`` the student's directory."""
-    shards, digest = data_shards(config.data.shards)
-    rank, world = rank_and_world()
+def split_problems(shards: list[ShardRef], *, streams: int, world: int, where: str) -> list[str]:
+    """Why ``shards`` cannot be split over ``world`` data-parallel ranks reading whole streams."""
+    problems = []
+    if streams % world:
+        problems.append(f"data.streams={streams} is not a multiple of the {world} data-parallel ranks: set "
+                        f"--set data.streams={streams * world // math.gcd(streams, world)} (any multiple of the "
+                        "world size; the sample order depends on data.streams, not on the world size)")
     if len(shards) < world:
-        raise DataError(f"{config.data.shards} has {len(shards)} non-empty shard(s) for {world} ranks; re-ingest "
-                        "with a smaller --shard-size so every rank gets a shard")
+        problems.append(f"{where} has {len(shards)} non-empty shard(s) for {world} data-parallel ranks; re-ingest "
+                        "with a smaller --shard-size so every rank reads a shard")
+    return problems
+
+
+def open_source(config, *, student_dir: str, family: str, num_layers: int, rank: int = 0,
+                world: int = 1) -> DataSource:
+    """Validate data and caches against the student (every problem in one DataError) and describe
+    the stream. ``config`` is the resolved TrainConfig, ``student_dir`` the student's directory,
+    ``rank`` / ``world`` this process among the data-parallel ranks."""
+    shards, digest = data_shards(config.data.shards)
+    split = split_problems(shards, streams=config.data.streams, world=world, where=config.data.shards)
+    if split:
+        raise DataError("cannot split the data over the ranks:\n  - " + "\n  - ".join(split))
     k = len(LayerPlan.for_model(num_layers, config.loss.mid_start, config.loss.mid_end).mid)
     caches, problems = {}, []
     for directory in dict.fromkeys(config.data.caches.values()):
@@ -318,4 +373,4 @@ def open_source(config, *, student_dir: str, family: str, num_layers: int) -> Da
                           grouped=spec is not None and spec.groups is not None,
                           skip_missing=config.data.skip_missing)
     return DataSource(shards=shards, joiner=joiner, seed=config.run.seed, shuffle=config.data.shuffle_shards,
-                      rank=rank, world=world)
+                      streams=config.data.streams, rank=rank, world=world)

@@ -6,6 +6,13 @@ is and is not counted), then runs the trainer's own pieces on it: ``build_traine
 answers "which options does a 24 GB card need" before renting one; a measurement on the card
 (``python -m train_student.bench``) supersedes it. The online-teacher ablation syncs per parameter
 (data-dependent) and is not estimable this way.
+
+Several GPUs (``per_gpu``, train_student.distributed): ddp keeps a whole replica per GPU, so its figure is
+the one-process trace (plus one flat all-reduce bucket of ``.grad`` in the plain mode). fsdp shards the
+persistent state; its figure is derived from the same trace's parts: during a micro-step the weights,
+the gradient bank, the optimizer state and the term's gradient are held as ``1/world`` shards, and one
+unsharded copy of the weights is held across the term backwards; the activations are the sample's, as
+in one process; the optimizer step runs on shards only.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pipeline.measure.results import GIB
 from schemas.method import LayerPlan
 from train_student import config as cfg
 from train_student.data import TrainItem
+from train_student.distributed import BUCKET_ELEMENTS, decoder_layers
 from train_student.setup import build_trainer
 
 
@@ -44,7 +52,10 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
 
     Returns:
         ``{"peak_gib", "peak_phase" ("micro-step" or "optimizer step"), "setup_gib" (model + gradient
-        bank), "after_step_gib" (+ optimizer state), "trainable_params", "seq_len"}``.
+        bank), "after_step_gib" (+ optimizer state), "trainable_params", "seq_len", "weights_gib" (every
+        parameter), "decoder_weights_gib" / "decoder_layers" (the language model's decoder layers),
+        "phase_peaks_gib" ({phase: peak of its last window}: the micro-steps with the optimizer state live,
+        the optimizer step)}``.
     """
     if config.model.online_teacher:
         raise ValueError("the online-teacher ablation syncs per parameter and cannot be traced; "
@@ -58,17 +69,52 @@ def estimate_peak(student_config, config: cfg.TrainConfig, items: Sequence[Train
         parts = build_trainer(config, model, plan, device, total_steps=windows)
         stepper, optimizer, scheduler = parts.stepper, parts.optimizer, parts.scheduler
         setup = tracker.live
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        layers = decoder_layers(model)
+        layer_weights = sum(p.numel() * p.element_size() for p in layers.parameters())
         accum = config.optim.grad_accum
+        peak, peak_phase, phase_peaks = tracker.peak, "", {}
         for window in range(windows):
-            tracker.phase = "micro-step"
-            for j in range(accum):
-                item = items[(window * accum + j) % len(items)]
-                with tracker.hold(item_bytes(item)):
-                    stepper.micro_step(item)
-            stepper.stats.reset()  # the window summary syncs to the host; training reads it here
-            tracker.phase = "optimizer step"
-            stepper.apply(optimizer, scheduler)
+            for phase in ("micro-step", "optimizer step"):
+                tracker.phase = phase
+                tracker.reset_peak()
+                if phase == "micro-step":
+                    for j in range(accum):
+                        item = items[(window * accum + j) % len(items)]
+                        with tracker.hold(item_bytes(item)):
+                            stepper.micro_step(item)
+                    stepper.stats.reset()  # the window summary syncs to the host; training reads it here
+                else:
+                    stepper.apply(optimizer, scheduler)
+                phase_peaks[phase] = tracker.peak
+                if tracker.peak > peak:
+                    peak, peak_phase = tracker.peak, phase
         after_step = tracker.live
         trainable = sum(p.numel() for p in stepper.params)
-    return {"peak_gib": tracker.peak / GIB, "peak_phase": tracker.peak_phase, "setup_gib": setup / GIB, "after_step_gib": after_step / GIB,
-            "trainable_params": trainable, "seq_len": max(it.labels.numel() for it in items)}
+    return {"peak_gib": peak / GIB, "peak_phase": peak_phase, "setup_gib": setup / GIB,
+            "after_step_gib": after_step / GIB, "trainable_params": trainable,
+            "seq_len": max(it.labels.numel() for it in items), "weights_gib": weights / GIB,
+            "decoder_weights_gib": layer_weights / GIB, "decoder_layers": len(layers),
+            "phase_peaks_gib": {k: v / GIB for k, v in phase_peaks.items()}}
+
+
+def per_gpu(estimate: dict, *, world_size: int, parallel: str, plain: bool) -> dict:
+    """The peak per GPU of ``estimate`` (``estimate_peak``, one process) for ``world_size`` GPUs under
+    ``parallel`` (none, ddp, fsdp; see the module docstring). ``plain``: the run has no gradient bank (one
+    backward per micro-step: under fsdp only the root's weights and about two decoder layers are unsharded
+    at a time; under ddp its ``.grad`` is all-reduced in buckets). Returns ``{"peak_gib", "peak_phase"}``."""
+    micro, step = estimate["phase_peaks_gib"]["micro-step"], estimate["phase_peaks_gib"]["optimizer step"]
+    if parallel == "fsdp":
+        weights, grads = estimate["weights_gib"], estimate["trainable_params"] * 4 / GIB
+        optimizer = estimate["after_step_gib"] - estimate["setup_gib"]
+        bank = estimate["setup_gib"] - weights
+        layers = estimate["decoder_weights_gib"]
+        unsharded = weights - layers * (1 - min(2, estimate["decoder_layers"]) / estimate["decoder_layers"]) \
+            if plain else weights
+        micro += unsharded - weights * (1 - 1 / world_size) - (optimizer + bank + grads) * (1 - 1 / world_size)
+        step /= world_size
+    elif parallel == "ddp" and world_size > 1 and plain:
+        step += min(BUCKET_ELEMENTS, estimate["trainable_params"]) * 4 / GIB
+    phases = {"micro-step": micro, "optimizer step": step}
+    phase = max(phases, key=phases.get)
+    return {"peak_gib": phases[phase], "peak_phase": phase}

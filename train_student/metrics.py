@@ -2,7 +2,8 @@
 
 ``WindowStats`` adds every micro-step's raw term losses, gradient cosines and norms and fired
 projections on the device; ``collect`` brings the window to the host in ONE transfer (the step's sync
-point). Gradient norms come from the gradient bank's Gram diagonal (no extra backward); the plain mode
+point; with several data-parallel ranks the same transfer is gathered from every rank and summed).
+Gradient norms come from the gradient bank's Gram diagonal (no extra backward); the plain mode
 (no AGP, no reweighting: one backward of the weighted sum) has no per-term gradients and logs none.
 ``JsonlLog`` appends rows to ``metrics.jsonl`` / ``samples.jsonl``; a resumed run truncates them to
 the sizes its checkpoint recorded, so they never hold rows of steps that were trained again.
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 
 from schemas.method import LOSS_TERMS, TERMS
+
+SUMMED = 59
+"""Length of the fixed part of ``WindowStats.collect``'s flat vector (then one finite flag per sample)."""
 
 
 class WindowStats:
@@ -60,26 +64,36 @@ class WindowStats:
                 self.fired.index_add_(1, terms[1:] - 1, stats["fired"].float())
         self.finite.append(finite)
 
-    def collect(self, weights: torch.Tensor) -> dict:
+    def collect(self, weights: torch.Tensor, *, gather=None, extra=None) -> dict:
         """Host summary of the window; ``weights`` [4] are the term weights used (0 = inactive).
 
         Returns losses (mean raw loss per present term), loss (mean weighted total), weights, cos
         (mean cosine per term pair), fired (stage-1 / stage-2 projection counts per distillation
         term), samples, and ``nonfinite_key`` (first sample with a NaN/inf loss, or None); with
         per-term gradients also their norms (``grad_norms``).
+
+        ``gather``: ``obj -> [obj of every data-parallel rank]`` (``Dist.gather_data``): the window's sums
+        are added over the ranks, so every rank gets the summary of the whole window; ``extra``: any
+        picklable value sent along in the same collective, returned as ``summary["extra"]`` (one per rank).
         """
         flat = torch.cat([self.loss_sum, self.count, self.total[None], self.cos_sum.flatten(),
                           self.cos_count.flatten(), self.fired.flatten(), weights.detach().float().to(self.device),
-                          self.norm_sum, self.norm_count, torch.stack(self.finite).float()])
-        values = flat.tolist()  # the one device->host sync of an optimizer step
+                          self.norm_sum, self.norm_count, torch.stack(self.finite).float() if self.finite
+                          else torch.zeros(0, device=self.device)])
+        local = flat.tolist()  # the one device->host sync of an optimizer step
+        parts = gather((local, self.keys, extra)) if gather is not None else [(local, self.keys, extra)]
+        values = [sum(column) for column in zip(*(v[:SUMMED] for v, _, _ in parts))]
+        values[47:51] = local[47:51]  # the weights are the same on every rank
+        finite = [ok for v, _, _ in parts for ok in v[SUMMED:]]
+        keys = [key for _, rank_keys, _ in parts for key in rank_keys]
         loss_sum, count, total = values[0:4], values[4:8], values[8]
         cos_sum, cos_count = values[9:25], values[25:41]
-        fired, used, finite = values[41:47], values[47:51], values[59:]
+        fired, used = values[41:47], values[47:51]
         norm_sum, norm_count = values[51:55], values[55:59]
-        n = len(self.keys)
+        n = len(keys)
         pairs = {f"{LOSS_TERMS[i]}/{LOSS_TERMS[j]}": cos_sum[4 * i + j] / cos_count[4 * i + j]
                  for i in range(4) for j in range(i + 1, 4) if cos_count[4 * i + j]}
-        bad = [key for key, ok in zip(self.keys, finite) if not ok]
+        bad = [key for key, ok in zip(keys, finite) if not ok]
         return {"samples": n, "loss": total / max(1, n),
                 "losses": {t: loss_sum[i] / count[i] for i, t in enumerate(LOSS_TERMS) if count[i]},
                 "weights": {t: used[i] for i, t in enumerate(LOSS_TERMS) if used[i]},
@@ -87,8 +101,8 @@ class WindowStats:
                 "fired": {"anchor": dict(zip(TERMS, fired[0:3])), "pairwise": dict(zip(TERMS,
                                                                                               fired[3:6]))},
                 **grad_norms(norm_sum, norm_count, used),
-                "nonfinite_key": bad[0] if bad else None}
-
+                "nonfinite_key": bad[0] if bad else None,
+                **({"extra": [e for _, _, e in parts]} if extra is not None else {})}
 
 def grad_norms(norm_sum: list[float], norm_count: list[float], lambdas: list[float]) -> dict:
     """The window's gradient-norm keys of a metrics row (none without per-term gradients).

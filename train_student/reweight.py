@@ -144,6 +144,16 @@ class LossReweighter:
         st["count"].index_add_(0, index, torch.ones(len(keys), device=self.device))
         st["micro_steps"] += 1
 
+    def sum_window(self, reduce) -> None:
+        """Sum the window's statistics (losses, norms, counts, micro-steps) over the data-parallel ranks with
+        ``reduce`` (an in-place all-reduce, one collective) before ``step``, so every rank holds the whole
+        window's statistics and takes the same step."""
+        st, k = self.state, len(self.terms)
+        flat = torch.cat([st["loss_sum"], st["norm_sum"], st["count"], st["micro_steps"][None]])
+        reduce(flat)
+        st["loss_sum"], st["norm_sum"], st["count"] = flat[:k], flat[k:2 * k], flat[2 * k:3 * k]
+        st["micro_steps"] = flat[3 * k]
+
     def _objective_grad(
         self, present: Tensor, mean_loss: Tensor, mean_norm: Tensor
     ) -> tuple[Tensor, Tensor]:

@@ -81,37 +81,51 @@ def first_window(items: Iterable, size: int) -> list:
     return window
 
 
-def calibrate(forward, weights, params: list[Tensor], items: list, loss_config) -> dict:
+def calibrate(forward, weights, params: list[Tensor], items: list, loss_config, *, grad_norms=term_grad_norms,
+              reduce=None) -> dict:
     """Measure the window's mean per-term gradient norms and compute the balanced lambdas.
 
     Args:
         forward: ``(item, distillation terms) -> {term: loss}`` (a ``CapturedForward``).
         weights: the run's ``TermWeights`` (which terms each capability's samples carry).
         params: the trainable parameters.
-        items: the first window (``first_window``).
+        items: the first window (``first_window``); with ``reduce``, this rank's part of it.
         loss_config: ``LossConfig`` (``lam_ce``, ``balance_ratio``).
+        grad_norms: ``(losses, params) -> {term: 0-d norm}`` of one sample (``term_grad_norms``; sharded
+            parameters: ``train_student.distributed.sharded_grad_norms``).
+        reduce: in-place sum over the data-parallel ranks of a tensor (train_student.distributed), so that
+            the means are over the whole window; None in one process.
 
     Returns:
         the calibration record ``{"lambdas", "grad_norms", "ratios", "samples"}`` (plain floats), as
         stored in checkpoints; apply it with ``apply_calibration``.
     """
-    if not items:
-        raise ValueError("cannot calibrate loss.scale=balanced: the first epoch has no trainable sample")
     per_term: dict[str, list[Tensor]] = {t: [] for t in weights.static}
     for item in items:
         present = weights.for_sample(item.capability)[0]
-        for term, norm in term_grad_norms(forward(item, present[1:]), params).items():
+        for term, norm in grad_norms(forward(item, present[1:]), params).items():
             per_term[term].append(norm.detach())
-    absent = [t for t, values in per_term.items() if not values]
+    zero = torch.zeros((), device=weights.device)
+    sums = torch.stack([torch.stack(values).sum() if values else zero for values in per_term.values()])
+    counts = torch.tensor([*(len(values) for values in per_term.values()), len(items)], dtype=sums.dtype,
+                          device=sums.device)
+    totals = torch.cat([sums, counts])
+    if reduce is not None:
+        reduce(totals)
+    values = totals.tolist()  # the one sync
+    k = len(per_term)
+    samples = int(values[-1])
+    if not samples:
+        raise ValueError("cannot calibrate loss.scale=balanced: the first epoch has no trainable sample")
+    absent = [t for t, count in zip(per_term, values[k:2 * k]) if not count]
     if absent:
         raise ValueError(f"cannot calibrate loss.scale=balanced: term(s) {absent} are in no sample of the first "
-                         f"window ({len(items)} samples; loss.mix gives them weight 0 there): raise optim.grad_accum "
+                         f"window ({samples} samples; loss.mix gives them weight 0 there): raise optim.grad_accum "
                          "or give them weight in loss.mix")
-    means = torch.stack([torch.stack(values).mean() for values in per_term.values()]).tolist()  # the one sync
-    norms = dict(zip(per_term, means))
+    norms = {t: total / count for t, total, count in zip(per_term, values[:k], values[k:2 * k])}
     ratios = {t: float(loss_config.balance_ratio[TERM_ROLE[t]]) for t in norms if t != "ce"}
     return {"lambdas": balanced_lambdas(norms, ratios, loss_config.lam_ce), "grad_norms": norms,
-            "ratios": ratios, "samples": len(items)}
+            "ratios": ratios, "samples": samples}
 
 
 def apply_calibration(record: dict, weights, reweighter) -> None:

@@ -18,6 +18,7 @@ from pipeline.attention.capture import enable_capture
 from schemas.method import LayerPlan
 from train_student import config as cfg
 from train_student.agp import GradBank
+from train_student.distributed import Dist, shard_model
 from train_student.reweight import LossReweighter
 from train_student.step import CapturedForward, MicroStepper, TermWeights, active_lambdas, bank_combine, prepare_student
 
@@ -50,10 +51,14 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup: int, floor: float) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, teacher=None):
+def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, teacher=None,
+                  dist: Dist | None = None):
     """The micro-step machinery: forward (cached, or online with ``teacher``), term weights,
-    reweighter, gradient bank and AGP order generator."""
+    reweighter, gradient bank and AGP order generator. ``dist``: the run's processes (fsdp: ``model`` is
+    sharded, the bank holds local shards and sums its Gram matrix over the ranks)."""
     m, terms = config.method, config.terms
+    dist = dist or Dist()
+    fsdp = dist.parallel == "fsdp"
     reweighter = None
     if m.reweight and terms:
         reweighter = LossReweighter(active_lambdas(config.loss, terms), alpha=m.reweight_alpha, lr=m.reweight_lr,
@@ -72,27 +77,33 @@ def build_stepper(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch
     else:
         forward = CapturedForward(model, plan, device, dtype, config.model.recompute_attention, config.loss.kind)
         if m.agp or m.reweight:
-            bank = GradBank(params, 1 + len(terms), dtype=torch.bfloat16 if m.bank_dtype == "bf16" else torch.float32)
+            bank = GradBank(params, 1 + len(terms), dtype=torch.bfloat16 if m.bank_dtype == "bf16" else torch.float32,
+                            reduce=dist.sum_over_shards if fsdp else None)
     stepper = MicroStepper(forward=forward, weights=weights, params=params, device=device,
                            scale=1.0 / config.optim.grad_accum, bank=bank, combine=combine, agp=m.agp,
-                           generator=generator)
+                           generator=generator, dist=dist,
+                           before_term_backward=model.set_reshard_after_backward if fsdp else None)
     return stepper, reweighter, generator
 
 
 def build_trainer(config: cfg.TrainConfig, model, plan: LayerPlan, device: torch.device, *, total_steps: int,
-                  teacher=None) -> TrainerParts:
-    """Prepare ``model`` (on ``device``) and build its stepper, optimizer and schedule from ``config``.
+                  teacher=None, dist: Dist | None = None) -> TrainerParts:
+    """Prepare ``model`` (on ``device``; with ``dist.parallel == "fsdp"`` on the CPU, sharded here onto
+    ``device``) and build its stepper, optimizer and schedule from ``config``.
 
     ``teacher``: an online teacher (the ablation; the student then runs eager attention), else the
     student's attention is captured at ``plan.layers(config.terms)``. ``total_steps``: optimizer steps
-    the cosine schedule spans.
+    the cosine schedule spans. ``dist``: the run's processes (train_student.distributed; None: one).
     """
     if teacher is None:
         enable_capture(model)
     summary = prepare_student(model, freeze_vision=config.model.freeze_vision,
                               gradient_checkpointing=config.model.gradient_checkpointing,
                               captured=plan.layers(config.terms))
-    stepper, reweighter, generator = build_stepper(config, model, plan, device, teacher=teacher)
+    if dist is not None and dist.parallel == "fsdp":
+        shard_model(model, device, dist.world)
+        summary += f"; FSDP2: sharded over {dist.world} ranks per decoder layer"
+    stepper, reweighter, generator = build_stepper(config, model, plan, device, teacher=teacher, dist=dist)
     o = config.optim
     optimizer = torch.optim.AdamW(stepper.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = cosine_schedule(optimizer, total_steps=total_steps, warmup=o.warmup_steps, floor=o.lr_floor)

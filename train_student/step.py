@@ -28,6 +28,7 @@ from pipeline.attention.maps import tril_to_dense, tv_block
 from schemas.method import LOSS_TERMS, TERM_ROLE, TERMS, LayerPlan, lambdas
 from train_student.agp import NORM_FLOOR, GradBank, agp_step
 from train_student.data import TrainItem
+from train_student.distributed import Dist, sum_gradients
 from train_student.losses import attention_losses
 from train_student.metrics import WindowStats
 from train_student.mixing import normalise_mix
@@ -182,20 +183,22 @@ class MicroStepper:
 
     bank None: plain mode (one backward of the weighted sum). Otherwise one backward per term into
     ``bank`` and ``combine(bank, n, generator, weights, agp)`` (``bank_combine`` for a GradBank).
+    ``dist``: the run's processes (train_student.distributed; None: one process): with data-parallel ranks
+    the window's statistics, gradient and reweighting statistics are summed over them at the window's end.
+    ``before_term_backward(last)``: called before each term backward of the bank mode (fsdp: reshard the
+    parameters only after the last).
     """
 
     def __init__(self, *, forward: Callable, weights: TermWeights, params: list, device: torch.device,
                  scale: float = 1.0, bank=None, combine: Combine = bank_combine, agp: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, dist: Dist | None = None,
+                 before_term_backward: Callable[[bool], None] | None = None):
         if agp and (bank is None or generator is None):
             raise ValueError("AGP needs a gradient bank and an order generator")
         self.forward, self.weights, self.params, self.scale = forward, weights, params, scale
         self.bank, self.combine, self.agp, self.generator = bank, combine, agp, generator
+        self.dist, self.before_term_backward = dist or Dist(), before_term_backward
         self.stats = WindowStats(device, loss_scale=scale)
-
-    @property
-    def window_size(self) -> int:
-        return len(self.stats)
 
     def micro_step(self, item: TrainItem) -> None:
         present, ids, weights = self.weights.for_sample(item.capability)
@@ -208,6 +211,8 @@ class MicroStepper:
             return
         n = len(present)
         for row, term in enumerate(present):
+            if self.before_term_backward is not None:
+                self.before_term_backward(row == n - 1)
             (losses[term] * self.scale).backward(retain_graph=row < n - 1)
             self.bank.store(row)
         stats = self.combine(self.bank, n, self.generator, weights, self.agp)
@@ -216,9 +221,10 @@ class MicroStepper:
                                             dict(zip(present, (stats["norms"] * self.weights.units[ids]).unbind())))
         self.stats.add(item.key, ids, raw, total, stats)
 
-    def finish_window(self, step: int) -> dict:
-        """The window's host summary (one sync); raises NonFiniteLossError before anything is applied."""
-        summary = self.stats.collect(self.weights.lambdas())
+    def finish_window(self, step: int, *, extra=None) -> dict:
+        """The window's host summary over all data-parallel ranks (one sync; ``extra`` travels along, see
+        ``WindowStats.collect``); raises NonFiniteLossError, on every rank, before anything is applied."""
+        summary = self.stats.collect(self.weights.lambdas(), gather=self.dist.gather_data, extra=extra)
         self.stats.reset()
         if summary["nonfinite_key"] is not None:
             raise NonFiniteLossError(
@@ -229,15 +235,23 @@ class MicroStepper:
         return summary
 
     def apply(self, optimizer, scheduler, *, max_grad_norm: float | None = None) -> None:
-        """Window gradient into ``.grad``, optional clipping, optimizer and schedule step, reweighting."""
+        """Window gradient into ``.grad`` (summed over the data-parallel ranks: one all-reduce of the bank's
+        flat window total, or of ``.grad`` in buckets), optional clipping, optimizer and schedule step,
+        reweighting (its window statistics summed over the ranks first)."""
+        data_parallel = self.dist.data_world > 1
         if self.bank is not None:
+            self.dist.sum_over_data(self.bank.total)
             self.bank.flush_to_grads()
+        elif data_parallel:
+            sum_gradients(self.params, self.dist.sum_over_data)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if self.weights.reweighter is not None:
+            if data_parallel:
+                self.weights.reweighter.sum_window(self.dist.sum_over_data)
             self.weights.reweighter.step()
             self.weights.refresh()
 

@@ -15,6 +15,9 @@ Codecs (all frozen dataclasses sharing the same four methods; `CODECS` maps name
 - `log8`: 8-bit quantisation of log(x / row_max) over [log(rel_floor), 0]; code 0 = exact zero (x <=
   row_max * rel_floor). Keeps ~1.8% relative precision on every kept entry, small ones included,
   for log-type (KL) or cosine ablations; larger than `quant` at a matched Frobenius error.
+- `quant2` (codec format version 2, ``codec2.py``): `quant`'s bounded per-map step, quantised on the
+  teacher's device; optionally sink-aware (entry 0 of every row exact, the bound on the rest); an
+  adaptive 2-D context model over each map's code image as entropy stage, one blob per map.
 
 Measured on `synthetic_causal_attention` maps (packed lower triangle; chunk bytes against the raw
 float16 full S x S map), S=1800 with 6 image spans, 3 seeds: lossless 2.6x (byte shuffle; bitshuffle
@@ -22,110 +25,37 @@ was 8% larger, byte-splitting equal, a lossless row-delta filter 7% smaller but 
 across samples; the values sit near their order-0 entropy), quant 12.5-18x at <= 0.95%, log8 4.9x
 at ~0.6% (a 1e-3 floor: 5-16x at 1.0-1.3%; 12-bit log codes: 3.2x). Shuffle beat bitshuffle for
 the codes too (18.4x vs 15.5x); per-row steps were 10-20% larger than one step per map, and
-row-to-row prediction, low-rank predictors and dead-zone rounding did not pay.
+row-to-row prediction, low-rank predictors and dead-zone rounding did not pay (under zstd; for quant2's
+context model, measured on real maps: a 0.65-step dead zone +0.7%, centroid reconstruction of codes 1-3
++1.3%, zeroing isolated ones +1.8%: not adopted, the bound stays a plain uniform quantiser's).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.attention.maps import dense_to_tril
+from pipeline.cache.codec2 import ContextQuantCodec
+from pipeline.cache.codec_base import CODEC_FORMAT_VERSION as CODEC_FORMAT_VERSION
+from pipeline.cache.codec_base import (
+    READABLE_CODEC_VERSIONS,
+    as_rows,
+    as_values,
+    check_clevel,
+    check_range,
+    create_array,
+    describe_codec,
+    row_range,
+)
 
-CODEC_FORMAT_VERSION = 1
-CHUNK_BYTES = 2 << 20  # raw bytes per chunk: random access to one sample's block reads a few chunks
 _LOG8_LEVELS = 254  # codes 1..255 cover the log range; code 0 is an exact zero
-
-
-# --------------------------------------------------------------------------------------------------
-# shared helpers: argument checks and zarr array creation
-# --------------------------------------------------------------------------------------------------
-def _blosc(clevel: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
-
-
-def _create(group: zarr.Group, path: str, data: np.ndarray, clevel: int, attrs=None) -> None:
-    """Every chunk is written (zeros too, so the commit marker's chunk count is exact) and ends with a
-    crc32c checksum that Zarr checks on every read."""
-    chunk = max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize))
-    group.create_array(path, data=data, chunks=(chunk,), filters=None, compressors=[_blosc(clevel), Crc32cCodec()],
-                       attributes=attrs, config={"write_empty_chunks": True})
-
-
-def _as_values(values: np.ndarray, *, non_negative: bool) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float32)
-    if values.ndim != 1:
-        raise ValueError(f"values must be a flat 1-D array, got shape {values.shape}; "
-                         "flatten each block (row-major) and concatenate")
-    if values.size and not np.isfinite(values).all():
-        raise ValueError("values contain NaN or inf; attention probabilities must be finite")
-    if non_negative and values.size and values.min() < 0:
-        raise ValueError(f"values must be >= 0 for this codec (attention probabilities), found "
-                         f"minimum {values.min()}; use the 'lossless' codec for signed data")
-    return values
-
-
-def _as_rows(n_values: int, row_lengths, block_rows, *, required: bool):
-    """Validate the row structure; returns (row_lengths int64, block_rows int64) or (None, None)."""
-    if row_lengths is None:
-        if required:
-            raise ValueError("this codec keeps per-row parameters: pass row_lengths (elements "
-                             "per row: n_vision per text row, i + 1 for row i of a triangle)")
-        if block_rows is not None:
-            raise ValueError("block_rows needs row_lengths")
-        return None, None
-    lengths = np.asarray(row_lengths, dtype=np.int64)
-    if lengths.ndim != 1 or (lengths.size and lengths.min() < 0) or lengths.sum() != n_values:
-        raise ValueError(f"row_lengths must be non-negative and sum to the number of values "
-                         f"({n_values}); got {lengths.size} rows summing to {lengths.sum()}")
-    blocks = np.asarray([lengths.size] if block_rows is None else block_rows, dtype=np.int64)
-    if blocks.ndim != 1 or (blocks.size and blocks.min() < 0) or blocks.sum() != lengths.size:
-        raise ValueError(f"block_rows must be non-negative and sum to the number of rows "
-                         f"({lengths.size}); got {blocks.size} blocks summing to {blocks.sum()}")
-    return lengths, blocks
-
-
-def _check_range(node, expected: dict, length: int, start: int, stop: int) -> None:
-    stored = node.attrs.get("codec")
-    if stored != expected:
-        raise ValueError(f"array '{node.path}' was written with codec {stored}, but is being read "
-                         f"with {expected}; build the codec from the cache manifest "
-                         "(codec_from_description)")
-    if not 0 <= start <= stop <= length:
-        raise ValueError(f"element range [{start}, {stop}) is outside the stored array of "
-                         f"length {length} at '{node.path}'")
-
-
-def _row_range(n_elements: int, row_start: int, row_lengths, n_rows: int) -> np.ndarray:
-    if row_lengths is None:
-        raise ValueError("this codec keeps per-row parameters: pass row_start and the row_lengths "
-                         "of the rows covering [start, stop) (from the sample's index entry)")
-    lengths = np.asarray(row_lengths, dtype=np.int64)
-    if lengths.sum() != n_elements:
-        raise ValueError(f"row_lengths sum to {lengths.sum()} but [start, stop) holds {n_elements} "
-                         f"elements; pass the rows of exactly that range")
-    if not 0 <= row_start <= row_start + lengths.size <= n_rows:
-        raise ValueError(f"rows [{row_start}, {row_start + lengths.size}) are outside the "
-                         f"{n_rows} stored rows")
-    return lengths
-
-
-def _describe(codec) -> dict:
-    return {"name": codec.name, "version": CODEC_FORMAT_VERSION, "lossless": codec.lossless,
-            "params": asdict(codec)}
-
-
-def _check_clevel(clevel: int) -> None:
-    if not (isinstance(clevel, int) and 1 <= clevel <= 9):
-        raise ValueError(f"clevel must be an integer in 1..9 (zstd level inside blosc), "
-                         f"got {clevel!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,29 +70,30 @@ class Float16Codec:
 
     clevel: int = 5
     name: ClassVar[str] = "lossless"
+    since: ClassVar[int] = 1
     lossless: ClassVar[bool] = True
 
     def __post_init__(self):
-        _check_clevel(self.clevel)
+        check_clevel(self.clevel)
 
     def describe(self) -> dict:
-        return _describe(self)
+        return describe_codec(self)
 
     def write(self, group: zarr.Group, name: str, values: np.ndarray, *,
               row_lengths=None, block_rows=None) -> None:
-        values = _as_values(values, non_negative=False)
-        _as_rows(values.size, row_lengths, block_rows, required=False)
+        values = as_values(values, non_negative=False)
+        as_rows(values.size, row_lengths, block_rows, required=False)
         with np.errstate(over="ignore"):
             half = values.astype(np.float16)
         if not np.isfinite(half).all():
             raise ValueError(f"values exceed the float16 range (max |x| = {np.abs(values).max()}); "
                              "attention probabilities are <= 1, check what is being cached")
-        _create(group, name, half, self.clevel, {"codec": self.describe()})
+        create_array(group, name, half, self.clevel, {"codec": self.describe()})
 
     def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
              row_start: int = 0, row_lengths=None) -> np.ndarray:
         array = group[name]
-        _check_range(array, self.describe(), array.shape[0], start, stop)
+        check_range(array, self.describe(), array.shape[0], start, stop)
         return array[start:stop].astype(np.float32)
 
 
@@ -185,6 +116,7 @@ class UniformQuantCodec:
     rel_error: float = 0.0095
     clevel: int = 5
     name: ClassVar[str] = "quant"
+    since: ClassVar[int] = 1
     lossless: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -192,10 +124,10 @@ class UniformQuantCodec:
             raise ValueError(f"rel_error must be a float in [1e-4, 0.5] (e.g. 0.0095 for < 1% "
                              f"relative Frobenius error per block; below 1e-4 use 'lossless'), "
                              f"got {self.rel_error!r}")
-        _check_clevel(self.clevel)
+        check_clevel(self.clevel)
 
     def describe(self) -> dict:
-        return _describe(self)
+        return describe_codec(self)
 
     def _quantise_block(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
         norm = float(np.linalg.norm(x))
@@ -216,8 +148,8 @@ class UniformQuantCodec:
 
     def write(self, group: zarr.Group, name: str, values: np.ndarray, *,
               row_lengths=None, block_rows=None) -> None:
-        values = _as_values(values, non_negative=True)
-        lengths, blocks = _as_rows(values.size, row_lengths, block_rows, required=True)
+        values = as_values(values, non_negative=True)
+        lengths, blocks = as_rows(values.size, row_lengths, block_rows, required=True)
         codes = np.zeros(values.size, dtype=np.float32)
         row_step = np.ones(lengths.size, dtype=np.float32)
         row_bounds = np.concatenate([[0], np.cumsum(blocks)])
@@ -230,14 +162,14 @@ class UniformQuantCodec:
         assert top < 2**32, f"quantisation code {top} does not fit uint32"
         dtype = next(d for d in (np.uint8, np.uint16, np.uint32) if top <= np.iinfo(d).max)
         node = group.create_group(name, attributes={"codec": self.describe()})
-        _create(node, "codes", codes.astype(dtype), self.clevel)
-        _create(node, "step", row_step, self.clevel)
+        create_array(node, "codes", codes.astype(dtype), self.clevel)
+        create_array(node, "step", row_step, self.clevel)
 
     def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
              row_start: int = 0, row_lengths=None) -> np.ndarray:
         node = group[name]
-        _check_range(node, self.describe(), node["codes"].shape[0], start, stop)
-        lengths = _row_range(stop - start, row_start, row_lengths, node["step"].shape[0])
+        check_range(node, self.describe(), node["codes"].shape[0], start, stop)
+        lengths = row_range(stop - start, row_start, row_lengths, node["step"].shape[0])
         step = node["step"][row_start:row_start + lengths.size]
         codes = node["codes"][start:stop].astype(np.float32)
         if step.size and (step == step[0]).all():  # one block: no per-element step array
@@ -257,16 +189,17 @@ class LogQuantCodec:
     rel_floor: float = 1e-4
     clevel: int = 5
     name: ClassVar[str] = "log8"
+    since: ClassVar[int] = 1
     lossless: ClassVar[bool] = False
 
     def __post_init__(self):
         if not (isinstance(self.rel_floor, float) and 0.0 < self.rel_floor < 1.0):
             raise ValueError(f"rel_floor must be a float in (0, 1) (values below "
                              f"row_max * rel_floor are stored as 0), got {self.rel_floor!r}")
-        _check_clevel(self.clevel)
+        check_clevel(self.clevel)
 
     def describe(self) -> dict:
-        return _describe(self)
+        return describe_codec(self)
 
     def _table(self) -> np.ndarray:
         """Decoded value of each code for row_max = 1: float32 [256]."""
@@ -278,8 +211,8 @@ class LogQuantCodec:
 
     def write(self, group: zarr.Group, name: str, values: np.ndarray, *,
               row_lengths=None, block_rows=None) -> None:
-        values = _as_values(values, non_negative=True)
-        lengths, _ = _as_rows(values.size, row_lengths, block_rows, required=True)
+        values = as_values(values, non_negative=True)
+        lengths, _ = as_rows(values.size, row_lengths, block_rows, required=True)
         row_max = np.zeros(lengths.size, dtype=np.float32)
         nonempty = lengths > 0
         if values.size:
@@ -292,21 +225,21 @@ class LogQuantCodec:
         span = -np.log(self.rel_floor)
         codes = np.where(kept, 1 + np.rint((log_rel / span + 1.0) * _LOG8_LEVELS), 0)
         node = group.create_group(name, attributes={"codec": self.describe()})
-        _create(node, "codes", np.clip(codes, 0, 255).astype(np.uint8), self.clevel)
-        _create(node, "row_max", row_max, self.clevel)
+        create_array(node, "codes", np.clip(codes, 0, 255).astype(np.uint8), self.clevel)
+        create_array(node, "row_max", row_max, self.clevel)
 
     def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
              row_start: int = 0, row_lengths=None) -> np.ndarray:
         node = group[name]
-        _check_range(node, self.describe(), node["codes"].shape[0], start, stop)
-        lengths = _row_range(stop - start, row_start, row_lengths, node["row_max"].shape[0])
+        check_range(node, self.describe(), node["codes"].shape[0], start, stop)
+        lengths = row_range(stop - start, row_start, row_lengths, node["row_max"].shape[0])
         row_max = node["row_max"][row_start:row_start + lengths.size]
         return self._table()[node["codes"][start:stop]] * np.repeat(row_max, lengths)
 
 
-Codec = Float16Codec | UniformQuantCodec | LogQuantCodec
+Codec = Float16Codec | UniformQuantCodec | LogQuantCodec | ContextQuantCodec
 CODECS: dict[str, type[Codec]] = {
-    c.name: c for c in (Float16Codec, UniformQuantCodec, LogQuantCodec)
+    c.name: c for c in (Float16Codec, UniformQuantCodec, LogQuantCodec, ContextQuantCodec)
 }
 DEFAULT_CODEC = "lossless"
 
@@ -326,11 +259,15 @@ def get_codec(name: str, **params) -> Codec:
 def codec_from_description(description: Mapping) -> Codec:
     """Rebuild a codec from `describe()` output stored in a cache manifest; refuses unknown ones."""
     version = description.get("version")
-    if version != CODEC_FORMAT_VERSION:
+    if version not in READABLE_CODEC_VERSIONS:
         raise ValueError(f"codec format version {version!r} is not supported by this reader "
-                         f"(supports {CODEC_FORMAT_VERSION}); upgrade drive-kd or rebuild the "
+                         f"(supports {list(READABLE_CODEC_VERSIONS)}); upgrade drive-kd or rebuild the "
                          "cache")
-    return get_codec(str(description.get("name")), **dict(description.get("params", {})))
+    name = str(description.get("name"))
+    if version < CODECS.get(name, Float16Codec).since:
+        raise ValueError(f"codec {name!r} does not exist in codec format version {version}; the description "
+                         "is damaged")
+    return get_codec(name, **dict(description.get("params", {})))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,8 +294,9 @@ def measure(codec: Codec, maps: Sequence[np.ndarray], *, causal: bool = True) ->
     maps: 2-D float32 arrays; causal=True packs each [S, S] map's lower triangle, causal=False
     stores [rows, cols] blocks (text-to-vision) whole. One block per map, so `quant` bounds each.
     bytes_stored counts chunk bytes only (zarr.json metadata is per shard, not per sample);
-    bytes_raw_fp16_full = 2 * sum(rows * cols) of the full maps; rel_error = the worst map's
-    relative Frobenius error over its full map.
+    bytes_raw_fp16_full = 2 * sum(rows * cols) of the full maps; ratio_vs_raw_fp16_triangle: against
+    2 * S * (S + 1) / 2 bytes per causal map (= the full-map ratio for blocks); rel_error = the worst
+    map's relative Frobenius error over its full map.
     """
     blocks = [pack_tril(m) if causal else np.asarray(m).ravel() for m in maps]
     lengths = [np.arange(1, m.shape[0] + 1) if causal else np.full(m.shape[0], m.shape[1])
@@ -377,7 +315,9 @@ def measure(codec: Codec, maps: Sequence[np.ndarray], *, causal: bool = True) ->
     offsets = np.cumsum([0] + [b.size for b in blocks])
     errors = [relative_frobenius(block, decoded[offsets[i]:offsets[i + 1]])
               for i, block in enumerate(blocks)]
-    return {"bytes_stored": stored, "bytes_raw_fp16_full": raw, "ratio": raw / max(stored, 1),
+    triangle = sum(m.shape[0] * (m.shape[0] + 1) for m in maps) if causal else raw
+    return {"bytes_stored": stored, "bytes_raw_fp16_full": raw, "ratio_vs_raw_fp16_full": raw / max(stored, 1),
+            "ratio_vs_raw_fp16_triangle": triangle / max(stored, 1),
             "rel_error": max(errors, default=0.0), "encode_s": t1 - t0, "decode_s": t2 - t1}
 
 

@@ -6,6 +6,9 @@
     sample.mid(0)              # dense [S, S] float32
     cache.plot(key, signal="first_tv", data="data/shards")
 
+The trainer takes ``sample.target(signal)``: a float32 tensor, or with codec ``quant2`` a
+``DeviceTarget`` whose ``.to(device)`` moves the codes (1-2 bytes per entry) and dequantises there.
+
 Only committed shards are visible. Opening checks every committed shard (chunk counts and index
 digest against its commit marker, ``pipeline/cache/format.py``); reads check chunk checksums. Any
 damage raises CacheIntegrityError naming the cache, shard, signal and sample. Zarr groups are opened
@@ -17,7 +20,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import fsspec
@@ -26,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from pipeline.attention.maps import tril_to_dense
+from pipeline.attention.maps import group_mean, tril_to_dense
+from pipeline.cache.codec2 import CodeBlocks
 from pipeline.cache.codecs import codec_from_description
 from pipeline.cache.format import (
     FIX,
@@ -45,6 +49,27 @@ from schemas.cache import INDEX_COLUMNS, MANIFEST_NAME, SIGNAL_COLUMNS, CacheMan
 def open_cache(root: str) -> TeacherCache:
     """Open the cache at ``root`` (local path or fsspec URL) and check its committed shards."""
     return TeacherCache(str(root))
+
+
+@dataclass
+class DeviceTarget:
+    """A stored block as codes; ``.to(device)`` dequantises it there (the trainer's target of quant2).
+
+    shape: the stored shape; group: mean the leading (map) dimension down to this many groups after
+    dequantising (``group_mean``: a reasoning target of a cache that is not pre-grouped), or None.
+    Behaves like a CPU tensor for the DataLoader: ``pin_memory()`` and ``to(device, non_blocking)``.
+    """
+
+    blocks: CodeBlocks
+    shape: tuple
+    group: int | None = None
+
+    def pin_memory(self) -> DeviceTarget:
+        return replace(self, blocks=self.blocks.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        values = self.blocks.dequantise(device, non_blocking=non_blocking).reshape(self.shape)
+        return values if self.group is None else group_mean(values, self.group)
 
 
 @dataclass
@@ -77,6 +102,18 @@ class CachedSample:
             raise KeyError(f"cache {self.cache.root} stores no {signal!r} signal; stored: "
                            f"{sorted(self.cache.manifest.signals)}")
         return self.cache.read_block(self.row, signal)
+
+    def target(self, signal: str, *, group: int | None = None) -> torch.Tensor | DeviceTarget:
+        """The block of ``signal`` for training: a float32 tensor, or (quant2) a DeviceTarget that
+        dequantises on the device it is moved to. ``group``: the group means of its maps (mid)."""
+        if f"{signal}_offset" not in self.row:
+            raise KeyError(f"cache {self.cache.root} stores no {signal!r} signal; stored: "
+                           f"{sorted(self.cache.manifest.signals)}")
+        if hasattr(self.cache.codec, "read_codes"):
+            return DeviceTarget(self.cache.read_block(self.row, signal, codes=True), tuple(self.row[f"{signal}_shape"]),
+                                group)
+        values = torch.from_numpy(self.cache.read_block(self.row, signal))
+        return values if group is None else group_mean(values, group)
 
     @property
     def first_tv(self) -> np.ndarray:
@@ -163,20 +200,21 @@ class TeacherCache:
             self._groups[shard] = open_shard_group(self.root, shard)
         return self._groups[shard]
 
-    def read_block(self, row: dict, signal: str) -> np.ndarray:
-        """One sample's block of ``signal``; CacheIntegrityError (cache, shard, signal, key) if it does not decode."""
+    def read_block(self, row: dict, signal: str, *, codes: bool = False):
+        """One sample's block of ``signal`` (float32 numpy, or with ``codes`` the codec's CodeBlocks);
+        CacheIntegrityError (cache, shard, signal, key) if it does not decode."""
         shape = tuple(row[f"{signal}_shape"])
         start = row[f"{signal}_offset"]
         try:
             node = self._group(row["shard"])[signal]
-            values = self.codec.read(node, part_name(row[f"{signal}_part"]), start=start,
-                                     stop=start + row[f"{signal}_count"], row_start=row[f"{signal}_row_offset"],
-                                     row_lengths=row_lengths_for(signal, shape))
+            read = self.codec.read_codes if codes else self.codec.read
+            values = read(node, part_name(row[f"{signal}_part"]), start=start, stop=start + row[f"{signal}_count"],
+                          row_start=row[f"{signal}_row_offset"], row_lengths=row_lengths_for(signal, shape))
         except Exception as err:  # checksum, blosc, missing file: all mean a damaged shard
             raise CacheIntegrityError(f"cache {self.root}, shard {row['shard']}, signal {signal}, sample "
                                       f"{row['key']}: the stored block does not decode ({type(err).__name__}: "
                                       f"{err}). " + FIX.format(root=self.root)) from err
-        return values.reshape(shape)
+        return values if codes else values.reshape(shape)
 
     def plot(self, key: str, *, signal: str = "first_tv", data: str | None = None, query: str = "answer"):
         """Text-to-vision attention of one sample drawn as heat maps over its camera views.

@@ -15,6 +15,13 @@ default) or sends them to the judge ("judge"). Categories map to capabilities by
 `DRIVEBENCH_CATEGORY_MAP`; others (`robust_qas` of the corruption sets) need `--map-category`.
 Image order: `NUSCENES_CAMERAS` (the order Drive-KD trains with, the default) or `DRIVEBENCH_CAMERAS`
 (DriveBench's own, for a like-for-like run). Image paths are not checked here; the runner opens them.
+
+Checked against the public DriveBench repository (worldbench/DriveBench): `prompt.txt` is its system
+prompt (templates/drivebench_system.txt holds it unchanged) and names the cameras in `DRIVEBENCH_CAMERAS`
+order; its inference script passes a record's images in the order of its `image_path` object (the released
+records list them in that order) and resizes them to its model's input; its judge (`evaluate/request.py`)
+reads the first `Total Score: N` of a reply, as `pipeline.evaluation.judge.parse_score` does. The
+judge rubrics under templates/ are our own.
 """
 
 from __future__ import annotations

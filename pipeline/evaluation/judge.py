@@ -3,7 +3,8 @@
 The judge sees the question, the reference answer and the model's answer, rendered into the rubric
 template of the sample's source category when the folder has one (`templates/judge_{category}.txt`,
 e.g. DriveBench's `judge_behavior.txt`), else of its capability (`templates/judge_{capability}.txt`),
-and must end its reply with a line `Total Score: N` (0-100; `Score: N` is read too). Templates are plain `str.format` strings with exactly the fields
+and must end its reply with a line `Total Score: N` (0-100, read as DriveBench reads it: the first
+such line; without one, the last `Score: N`). Templates are plain `str.format` strings with exactly the fields
 `{question}`, `{reference}` and `{prediction}`; any other literal brace in a template must be
 doubled (`{{` / `}}`). Braces inside the substituted values (questions, answers) need no escaping.
 
@@ -62,6 +63,8 @@ _SCORE = re.compile(
     r"\bscore\**\s*(?:[:=]|is)\s*\**\s*(\d+(?:\.\d+)?)\s*\**\s*(?:(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?",
     re.I,
 )
+_TOTAL_SCORE = re.compile(r"Total Score:\s*(\d{1,3})\b")
+"""DriveBench's own reading of a judge reply (worldbench/DriveBench evaluate/request.py): the first match wins."""
 
 
 @dataclass
@@ -157,10 +160,15 @@ class _TransientError(Exception):
 def parse_score(reply: str) -> float | None:
     """The judge's score as a percentage from its reply, or None when absent or out of range.
 
-    Accepts "Score: 85", "Total Score: 85", "score = 85/100", "**Score:** 7/10" (-> 70.0) and
-    "Score is 8.5 out of 10" (-> 85.0). The last score in the reply wins; a last score outside
-    0-100 (after scaling) counts as no score, so the judge is asked again.
+    A reply with a line ``Total Score: N`` is read as DriveBench reads it: the first such N (an integer;
+    above 100 counts as no score). Otherwise: "Score: 85", "score = 85/100", "**Score:** 7/10" (-> 70.0)
+    and "Score is 8.5 out of 10" (-> 85.0) are accepted and the last score in the reply wins. A score
+    outside 0-100 (after scaling) counts as no score, so the judge is asked again.
     """
+    total = _TOTAL_SCORE.search(reply)
+    if total is not None:
+        score = float(total.group(1))
+        return score if score <= 100.0 else None
     matches = list(_SCORE.finditer(reply))
     if not matches:
         return None

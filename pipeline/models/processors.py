@@ -17,9 +17,11 @@ from transformers import InternVLProcessor, PreTrainedTokenizerFast, Qwen2_5_VLP
 FAMILIES = ("internvl", "qwen2_5_vl")
 MODEL_TYPE_TO_FAMILY = {"internvl": "internvl", "qwen2_5_vl": "qwen2_5_vl"}
 
-# Chat templates of the two families' Hugging Face checkpoints, as they ship them: InternVL3-*-hf
-# (ChatML, one <IMG_CONTEXT> placeholder per image, expanded by the processor to <img>...</img>) and
-# Qwen2.5-VL-*-Instruct (ChatML with a default system turn when the conversation has none).
+# Chat templates of the two families' Hugging Face checkpoints, as they ship them (config values; the test
+# fixture tests/fixtures/hf_checkpoint_configs.json names the public sources they were checked against):
+# InternVL3-*-hf (ChatML, one <IMG_CONTEXT> placeholder per image, expanded by the processor to
+# <img><IMG_CONTEXT>*256</img>; no system turn) and Qwen2.5-VL-*-Instruct (ChatML with the default system turn
+# QWEN_DEFAULT_SYSTEM when the conversation does not start with one).
 INTERNVL_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -49,7 +51,7 @@ IMAGE_BACKEND = "pil"
 identically (transformers picks torchvision where it is installed otherwise)."""
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FAMILY_SPECIALS = {
+FAMILY_SPECIALS = {  # family -> {the processor's name for a token: the token}
     "internvl": {
         "start_image_token": "<img>",
         "end_image_token": "</img>",
@@ -63,6 +65,15 @@ FAMILY_SPECIALS = {
         "video_token": "<|video_pad|>",
     },
 }
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+"""The special tokens of the Qwen2.5-VL tokenizer, in its id order (151643..151656)."""
+
+INTERNVL_MAX_LENGTH = 8192
+"""model_max_length of the InternVL3-hf tokenizers (the conversion script's context length)."""
 
 
 class InternVLImageProcessor(InternVLProcessor):
@@ -122,10 +133,18 @@ def build_tokenizer(corpus: list[str], family: str, *, vocab_size: int = 1024) -
     """A byte-level BPE tokenizer trained locally on ``corpus`` with the family's special tokens.
 
     Byte-level, so any text (object references such as ``<c1,CAM_FRONT,0.46,0.67>`` included)
-    round-trips exactly; the chat and image tokens are atomic special tokens.
+    round-trips exactly; the chat and image tokens are atomic special tokens. As in the real tokenizers:
+    InternVL3-hf names its image tokens (``start_image_token``, ``end_image_token``,
+    ``context_image_token``, ``video_token``: its processor reads them by these names) and has
+    model_max_length 8192; Qwen2.5-VL lists its special tokens without names (its processor falls back to
+    ``<|image_pad|>`` / ``<|video_pad|>``). The InternVL tokenizer is the one of the committed demo teacher
+    (benchmarks/demo-teacher): its token ids must not change.
     """
-    extra = FAMILY_SPECIALS[family]
-    specials = CHAT_SPECIALS + list(extra.values())
+    if family == "internvl":
+        named = FAMILY_SPECIALS[family]
+        specials, extra, limit = CHAT_SPECIALS + list(named.values()), named, {"model_max_length": INTERNVL_MAX_LENGTH}
+    else:
+        specials, extra, limit = QWEN_SPECIALS, QWEN_SPECIALS[1:], {}
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -133,4 +152,4 @@ def build_tokenizer(corpus: list[str], family: str, *, vocab_size: int = 1024) -
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left", extra_special_tokens=extra)
+                                   padding_side="left", extra_special_tokens=extra, **limit)

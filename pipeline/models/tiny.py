@@ -3,6 +3,18 @@
 Native InternVL / Qwen2.5-VL classes with a tokenizer trained locally on a corpus the caller passes in
 (``corpus``: the demo data's vocabulary for ``make demo``), saved with ``save_pretrained`` so that
 the same loading code opens them as it opens a real checkpoint.
+
+What they share with the real checkpoints (InternVL3-*-hf, Qwen2.5-VL-*-Instruct; the values are in
+tests/fixtures/hf_checkpoint_configs.json with their sources): the chat templates, Qwen's default system
+turn included; the special tokens and how each tokenizer exposes them (InternVL's named ``<img>``,
+``</img>``, ``<IMG_CONTEXT>``, ``<video>``; Qwen's unnamed list in its id order); ``image_token_id``
+and the vision start/end ids of the config pointing at those tokens; the image-processor classes and
+fields (InternVL: GotOcr2 with ``crop_to_patches=False``, ``min_patches=1``, ``max_patches=12``, the processor
+call defaulting to crop_to_patches=True as the real one; Qwen: Qwen2-VL with patch, merge and temporal
+patch sizes and a pixel range); the PIL backend. What is tiny: the sizes (112 px tiles, patch 8, 49 vision
+tokens per image instead of 448 px, patch 14, 256), Qwen's pixel range fixed to one 112 px tile, the vocabulary,
+and InternVL's normalisation constants (CLIP's, as in the committed demo teacher, where InternVL3-hf uses
+ImageNet's): changing them would change the demo teacher's inputs and the stored regression figures.
 """
 
 from __future__ import annotations

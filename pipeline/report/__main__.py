@@ -24,10 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="shards the overlay samples come from (held-out split)")
     p.add_argument("--per-capability", type=int, default=2, help="overlay samples per capability")
     p.add_argument("--title", default="")
+    p.add_argument("--study", metavar="STUDY_MD",
+                   help="a study.md of make study to include and link (e.g. benchmarks/results/study/study.md)")
     args = p.parse_args(argv)
     path = write_report(out=args.out, evals=_pairs(args.eval, "--eval"), runs=_pairs(args.run, "--run"),
                         cache=args.cache, models=_pairs(args.model, "--model"), data=args.data,
-                        per_capability=args.per_capability, title=args.title)
+                        per_capability=args.per_capability, title=args.title,
+                        study=args.study)
     print(f"wrote {path}")
 
 

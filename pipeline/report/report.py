@@ -9,6 +9,7 @@ number in the report is read from the files it names.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -135,8 +136,25 @@ def overlay_section(models: dict[str, str], data: str, out: Path, per_capability
     return "\n".join(lines) + "\n"
 
 
+def study_section(study_md: str, out_dir: Path) -> str:
+    """The study's table (``make study``: every row over seeds), copied from its study.md and linked."""
+    path = Path(study_md)
+    if not path.is_file():
+        raise FileNotFoundError(f"--study {study_md}: no such file (make study writes STUDY_OUT/study.md; the "
+                                "committed one is benchmarks/results/study/study.md)")
+    text = path.read_text(encoding="utf-8")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    if not table:
+        raise ValueError(f"--study {study_md}: no table in it (expected the study.md that make study writes)")
+    link = Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+    heading = next((line.lstrip("# ") for line in text.splitlines() if line.startswith("# ")), "")
+    return (f"## The study (`make study`)\n\n{heading}: the evidence on which the recommended settings rest, "
+            f"from [{path.name}]({link}).\n\n" + "\n".join(table) + "\n")
+
+
 def write_report(*, out: str, evals: dict[str, str], runs: dict[str, str], cache: str | None,
-                 models: dict[str, str], data: str | None, per_capability: int = 2, title: str = "") -> Path:
+                 models: dict[str, str], data: str | None, per_capability: int = 2, title: str = "",
+                 study: str | None = None) -> Path:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [f"# Drive-KD run report{': ' + title if title else ''}\n"]
@@ -149,6 +167,8 @@ def write_report(*, out: str, evals: dict[str, str], runs: dict[str, str], cache
                      + ", ".join(f"`{p}/metrics.jsonl`" for p in runs.values()) + "\n")
         parts += [gradient_section(label, rows) for label, rows in metrics.items()
                   if any(r.get("cos") for r in rows)]
+    if study:
+        parts.append(study_section(study, out_dir))
     if cache:
         parts.append(cache_section(cache))
     if models and data:

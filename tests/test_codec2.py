@@ -1,0 +1,207 @@
+"""Codec quant2: the verified per-map bound (and its sink-aware variant), the entropy coder's round trip,
+whole-block reads, device dequantisation, the writer's thread pool, and version-1 data still reading."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache_teacher.worker import prepare_blocks
+from pipeline.attention.maps import group_mean
+from pipeline.cache import codec_base, entropy
+from pipeline.cache.codec2 import Quantised, search_steps
+from pipeline.cache.codecs import (
+    codec_from_description,
+    get_codec,
+    measure,
+    pack_tril,
+    relative_frobenius,
+    synthetic_causal_attention,
+)
+from pipeline.cache.reader import DeviceTarget, open_cache
+from pipeline.cache.writer import CacheShardWriter
+from schemas.cache import CACHE_VERSION, CacheManifest, SignalSpec
+from train_student.data import SampleJoiner
+
+
+@pytest.fixture(scope="module")
+def maps():
+    return [synthetic_causal_attention(s, 1, seed=s, span_len=48, n_heads=3)[0] for s in (160, 96, 128)]
+
+
+@pytest.fixture
+def group(tmp_path):
+    return zarr.open_group(tmp_path / "shard.zarr", mode="w", zarr_format=3)
+
+
+def _triangles(maps):
+    values = np.concatenate([pack_tril(m) for m in maps])
+    lengths = np.concatenate([np.arange(1, m.shape[0] + 1) for m in maps])
+    return values, lengths, [m.shape[0] for m in maps]
+
+
+def _round_trip(codec, group, values, lengths, block_rows=None):
+    codec.write(group, "x", values, row_lengths=lengths, block_rows=block_rows)
+    return codec.read(group, "x", start=0, stop=values.size, row_start=0, row_lengths=lengths)
+
+
+@pytest.mark.parametrize("rel_error", [0.0099, 0.003])
+def test_every_map_meets_its_bound(group, maps, rel_error):
+    values, lengths, rows = _triangles(maps)
+    decoded = _round_trip(get_codec("quant2", rel_error=rel_error), group, values, lengths, rows)
+    bounds = np.cumsum([0] + [r * (r + 1) // 2 for r in rows])
+    for b in range(len(maps)):
+        err = relative_frobenius(values[bounds[b]:bounds[b + 1]], decoded[bounds[b]:bounds[b + 1]])
+        assert 0.5 * rel_error < err <= rel_error  # bounded, and not far below it (the step is searched)
+
+
+def test_sink_aware_bound_holds_without_the_first_column(group, maps):
+    values, lengths, rows = _triangles(maps)
+    decoded = _round_trip(get_codec("quant2", sink=True), group, values, lengths, rows)
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    np.testing.assert_array_equal(decoded[first], values[first])  # the sink column is exact
+    rest = np.ones(values.size, bool)
+    rest[first] = False
+    bounds = np.cumsum([0] + [r * (r + 1) // 2 for r in rows])
+    for b in range(len(maps)):
+        part = slice(bounds[b], bounds[b + 1])
+        assert relative_frobenius(values[part][rest[part]], decoded[part][rest[part]]) <= 0.0099
+        assert relative_frobenius(values[part], decoded[part]) <= 0.0099
+
+
+def _error(row: torch.Tensor, step: float) -> float:
+    step = torch.tensor(step, dtype=torch.float32)
+    return float(torch.linalg.norm(row - torch.round(row / step) * step) / torch.linalg.norm(row))
+
+
+def test_search_finds_a_near_optimal_feasible_step():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((rng.random((3, 400)) ** np.array([[1.0], [4.0], [12.0]])).astype(np.float32))
+    steps = search_steps(x, 0.01)
+    for row, step in zip(x, steps.tolist()):
+        assert _error(row, step) <= 0.01
+        scan = [s for s in np.geomspace(step / 4, step * 4, 400) if _error(row, s) <= 0.01]
+        assert step >= 0.9 * max(scan)  # naive scan: no much larger step meets the bound
+    assert torch.equal(search_steps(torch.zeros(2, 5), 0.01), torch.ones(2))
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_entropy_coder_round_trip_on_hard_codes(skip_first):
+    rng = np.random.default_rng(1)
+    lengths = np.array([0, 1, 5, 3, 0, 40, 40, 2], dtype=np.int64)
+    codes = (rng.geometric(0.3, lengths.sum()) - 1).astype(np.int32)
+    codes[::7] = rng.integers(0, 200_000, codes[::7].size)  # escapes and raw bits up to 2^18
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    if skip_first:
+        codes[starts[lengths > 0]] = 0
+    for triangle in (False, True):
+        stream = entropy.encode_block(codes, starts, lengths, skip_first=skip_first, triangle=triangle)
+        out = np.full(codes.size, -1, np.int32)
+        entropy.decode_block(stream, starts, lengths, skip_first=skip_first, triangle=triangle, codes=out)
+        expected = codes.copy()
+        if skip_first:
+            expected[starts[lengths > 0]] = -1  # skipped entries are not written
+        np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="truncated"):
+        entropy.decode_block(stream[: len(stream) // 2], starts, lengths, skip_first=skip_first, triangle=True,
+                             codes=np.zeros(codes.size, np.int32))
+
+
+def test_codes_of_a_sample_dequantise_on_the_device_as_on_the_host(group, maps):
+    values, lengths, rows = _triangles(maps)
+    codec = get_codec("quant2", rel_error=0.001, sink=True)  # small step: codes above 255 (uint16 carrier)
+    codec.write(group, "x", values, row_lengths=lengths, block_rows=rows)
+    start, stop = rows[0] * (rows[0] + 1) // 2, values.size
+    blocks = codec.read_codes(group, "x", start=start, stop=stop, row_start=rows[0], row_lengths=lengths[rows[0]:])
+    assert blocks.wide and blocks.codes.dtype == torch.int16 and blocks.codes.numel() == stop - start
+    host = codec.read(group, "x", start=start, stop=stop, row_start=rows[0], row_lengths=lengths[rows[0]:])
+    if torch.cuda.is_available():  # page-locked memory needs a CUDA build with a device
+        blocks = blocks.pin_memory()
+    np.testing.assert_array_equal(blocks.dequantise("cpu").numpy(), host)
+    assert relative_frobenius(values[start:stop], host) <= 0.001
+    with pytest.raises(ValueError, match="not whole stored blocks"):
+        codec.read(group, "x", start=0, stop=10, row_start=0, row_lengths=[1, 2, 3, 4])
+
+
+def test_version_1_descriptions_and_arrays_still_read(group):
+    v1 = {"name": "quant", "version": 1, "lossless": False, "params": {"rel_error": 0.0095, "clevel": 5}}
+    codec = codec_from_description(v1)
+    codec.write(group, "x", np.linspace(0, 1, 12, dtype=np.float32), row_lengths=[6, 6])
+    group["x"].attrs["codec"] = v1  # as a version-1 writer left it
+    decoded = codec.read(zarr.open_group(group.store, mode="r"), "x", start=0, stop=12, row_lengths=[6, 6])
+    assert relative_frobenius(np.linspace(0, 1, 12), decoded) <= 0.0095
+    assert codec.describe()["version"] == 1 and get_codec("quant2").describe()["version"] == 2
+    assert codec_base.CODEC_FORMAT_VERSION == 2
+    with pytest.raises(ValueError, match="does not exist in codec format version 1"):
+        codec_from_description({**v1, "name": "quant2", "params": {}})
+    assert codec_from_description(get_codec("quant2", sink=True).describe()) == get_codec("quant2", sink=True)
+    with pytest.raises(ValueError, match="sink must be"):
+        get_codec("quant2", sink=1)
+
+
+def test_quant2_is_smaller_than_quant_on_causal_maps():
+    attention = synthetic_causal_attention(512, 2, seed=0)[0]
+    quant, quant2 = measure(get_codec("quant"), [attention]), measure(get_codec("quant2"), [attention])
+    assert quant2["rel_error"] <= 0.0099 and quant2["ratio_vs_raw_fp16_triangle"] >= 1.15 * quant["ratio_vs_raw_fp16_triangle"]
+
+
+def test_writer_thread_pool_device_codes_and_trainer_targets(tmp_path, maps, monkeypatch):
+    monkeypatch.setattr(codec_base, "CHUNK_BYTES", 4096)  # blobs span several checksummed chunks
+    codec = get_codec("quant2")
+    root = str(tmp_path / "cache")
+    manifest = CacheManifest(teacher={"name": "t", "family": "internvl"}, codec=codec.describe(), dtype="float32",
+                             signals={"first_tv": SignalSpec(layers=[0], role="perception"),
+                                      "mid": SignalSpec(layers=[0, 1], role="reasoning")},
+                             layout={"layout_version": 1}, dataset={})
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.json").write_text(manifest.dumps())
+    samples = {}
+    with CacheShardWriter(root=root, index=0, codec=codec, signals=["first_tv", "mid"], threads=2,
+                          flush_bytes=40_000) as writer:
+        for i, attention in enumerate(maps):
+            size = attention.shape[0]
+            mid = np.stack([pack_tril(attention), pack_tril(attention ** 2 / (attention ** 2).sum(1, keepdims=True))])
+            tv = np.ascontiguousarray(attention[size // 2:, : size // 3])
+            blocks = {"first_tv": tv, "mid": mid}
+            if i == 1:  # the worker's path: quantised first (on its device), codes handed over
+                blocks = prepare_blocks(codec, {name: torch.from_numpy(b) for name, b in blocks.items()})
+                assert all(isinstance(q, Quantised) and q.codes.dtype in (np.uint8, np.uint16) for q in blocks.values())
+            writer.add({"key": f"s{i}", "shard": 0, "capability": "perception", "seq_len": size, "n_text": 0,
+                        "n_vision": 0, "layout_digest": "d", "layout": "{}"}, blocks)
+            samples[f"s{i}"] = (tv, mid)
+        writer.commit()
+    assert CACHE_VERSION == 2
+    cache = open_cache(root)
+    for key, (tv, mid) in samples.items():
+        sample = cache[key]
+        assert relative_frobenius(tv, sample.first_tv) <= 0.0099
+        for m in range(2):
+            assert relative_frobenius(mid[m], sample.mid_packed()[m]) <= 0.0099
+        target = sample.target("mid", group=1)
+        assert isinstance(target, DeviceTarget)
+        dense = target.to("cpu", non_blocking=True)
+        torch.testing.assert_close(dense, group_mean(torch.from_numpy(sample.mid_packed()), 1), rtol=0, atol=0)
+        np.testing.assert_array_equal(sample.target("first_tv").to("cpu").numpy(), sample.first_tv)
+    joiner = SampleJoiner(student="unused", tiling=None, caches={}, k=1, grouped=False)
+    reasoning = joiner._target(cache["s0"], "reasoning")  # the trainer's targets: codes, dequantised on .to()
+    torch.testing.assert_close(reasoning.to("cpu"), group_mean(torch.from_numpy(cache["s0"].mid_packed()), 1))
+    np.testing.assert_array_equal(joiner._target(cache["s0"], "perception").to("cpu").numpy(), cache["s0"].first_tv)
+    assert isinstance(prepare_blocks(get_codec("quant"), {"mid": torch.ones(2, 3)})["mid"], np.ndarray)
+
+
+def test_cache_job_with_quant2_matches_a_lossless_cache(tmp_path, tiny_models, tiny_shards):
+    from cache_teacher.run import CacheConfig, run
+
+    caches = {}
+    for codec in ("lossless", "quant2"):
+        config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
+                             out=str(tmp_path / codec), workers=0, codec=codec)
+        run(config)
+        caches[codec] = open_cache(config.out)
+    assert caches["quant2"].manifest.codec == get_codec("quant2").describe() and len(caches["quant2"]) == 8
+    for key in caches["lossless"].keys():
+        for signal in ("first_tv", "penult_tv", "mid"):
+            ref, got = caches["lossless"][key].block(signal), caches["quant2"][key].block(signal)
+            maps = ref.reshape(-1, ref.shape[-1]) if signal == "mid" else ref[None]
+            for r, g in zip(maps, got.reshape(maps.shape)):
+                assert relative_frobenius(r, g) < 0.0105  # 0.99% against the float16 reference
