@@ -19,8 +19,7 @@ from pipeline.attention.layout import TilingPolicy, build_layout, collate_inputs
 from pipeline.attention.maps import dense_to_tril, group_layers, group_mean, tv_block
 from pipeline.cache.codec2 import ContextQuantCodec, Quantised
 from pipeline.cache.codecs import Codec, codec_from_description
-from pipeline.cache.format import row_lengths_for
-from pipeline.cache.writer import CacheShardWriter, block_rows_for
+from pipeline.cache.writer import CacheShardWriter
 from pipeline.data.shards import ShardError, iter_shard
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
@@ -87,8 +86,7 @@ def prepare_blocks(codec: Codec, blocks: dict[str, torch.Tensor]) -> dict[str, n
     every other codec gets float32 numpy."""
     if not isinstance(codec, ContextQuantCodec):
         return {name: block.float().cpu().numpy() for name, block in blocks.items()}
-    return {name: codec.quantise(block, row_lengths_for(name, block.shape), block_rows_for(name, block.shape))
-            for name, block in blocks.items()}
+    return {name: codec.quantise_signal(name, block) for name, block in blocks.items()}
 
 
 @dataclass(frozen=True)

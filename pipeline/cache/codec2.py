@@ -39,6 +39,7 @@ import zarr
 
 from pipeline.cache import entropy
 from pipeline.cache.codec_base import as_rows, as_values, check_range, create_array, describe_codec
+from pipeline.cache.format import block_rows_for, row_lengths_for
 
 _HEADER = struct.Struct("<fBI")
 _SINK, _TRIANGLE = 1, 2
@@ -184,6 +185,11 @@ class ContextQuantCodec:
                          steps=(torch.cat(steps).cpu().numpy() if steps else np.zeros(0, np.float32)),
                          first=(torch.cat(firsts).cpu().numpy() if self.sink and firsts else
                                 (np.zeros(0, np.float32) if self.sink else None)))
+
+    def quantise_signal(self, signal: str, block) -> Quantised:
+        """``quantise`` of one sample's stored block of ``signal`` (torch on any device, or numpy), its row
+        and block structure derived from the signal and shape (pipeline.cache.format)."""
+        return self.quantise(block, row_lengths_for(signal, block.shape), block_rows_for(signal, block.shape))
 
     def encode(self, quantised: Quantised, block: int) -> bytes:
         """The blob of block ``block`` of ``quantised`` (thread-safe, releases the GIL)."""

@@ -41,6 +41,15 @@ def row_lengths_for(signal: str, shape) -> np.ndarray:
     return np.full(shape[0], shape[1], dtype=np.int64)
 
 
+def block_rows_for(signal: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of each codec block of a sample: one block per map (a lossy codec bounds its error per
+    block), so n_maps blocks of S rows for ``mid`` and one block of n_text rows for a tv block."""
+    if signal == "mid":
+        n_maps, packed = shape
+        return np.full(n_maps, len(row_lengths_for(signal, shape)) // n_maps, dtype=np.int64)
+    return np.array([shape[0]], dtype=np.int64)
+
+
 def zarr_store(root: str, relative: str, *, read_only: bool):
     """Store of the Zarr group at ``root/relative``: a local path, or an fsspec URL (s3://, gs://, ...)."""
     if "://" not in root or root.startswith("file://"):

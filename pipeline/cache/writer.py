@@ -25,20 +25,19 @@ import zarr
 
 from pipeline.cache.codec2 import ContextQuantCodec, Quantised
 from pipeline.cache.codecs import Codec
-from pipeline.cache.format import chunk_counts, index_digest, part_name, row_lengths_for, write_marker, zarr_store
+from pipeline.cache.format import (
+    block_rows_for,
+    chunk_counts,
+    index_digest,
+    part_name,
+    row_lengths_for,
+    write_marker,
+    zarr_store,
+)
 from schemas.cache import CommitMarker, shard_files
 from schemas.method import SIGNALS
 
 FLUSH_BYTES = 512 << 20  # buffered float32 bytes before the writer appends to the Zarr arrays
-
-
-def block_rows_for(signal: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Rows of each codec block of a sample: one block per map (a lossy codec bounds its error per
-    block), so n_maps blocks of S rows for ``mid`` and one block of n_text rows for a tv block."""
-    if signal == "mid":
-        n_maps, packed = shape
-        return np.full(n_maps, len(row_lengths_for(signal, shape)) // n_maps, dtype=np.int64)
-    return np.array([shape[0]], dtype=np.int64)
 
 
 def encode_threads() -> int:
@@ -97,9 +96,7 @@ class CacheShardWriter:
     def _entropy_stage(self, signal: str, block) -> tuple[Quantised, list[Future]]:
         """Quantise a float block (CPU) unless it came quantised, and queue one encode task per map."""
         if not isinstance(block, Quantised):
-            block = np.ascontiguousarray(block, dtype=np.float32)
-            block = self.codec.quantise(block, row_lengths_for(signal, block.shape),
-                                        block_rows_for(signal, block.shape), shape=block.shape)
+            block = self.codec.quantise_signal(signal, np.ascontiguousarray(block, dtype=np.float32))
         futures = [self.pool.submit(self.codec.encode, block, b) for b in range(block.block_rows.size)]
         self.pending.extend(futures)
         while len(self.pending) > 4 * self.threads:  # back-pressure: bounded codes in flight
