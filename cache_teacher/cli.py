@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from cache_teacher.run import CacheConfig, run
@@ -44,8 +45,11 @@ def parse_args(argv: list[str] | None) -> CacheConfig:
     group.add_argument("--student-layers", type=int, help="pre-group mid maps for a student of K decoder layers")
     group.add_argument("--student", help="student directory: sets K and checks its layout equals the teacher's")
     p.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS),
-                   help="lossless: float16 + zstd; quant: uniform code, <1%% relative error per map; log8: 8-bit "
-                        "log-space code (default: %(default)s)")
+                   help="lossless: float16 + zstd; quant: uniform code, <1%% relative error per map; quant2: the same "
+                        "bound, 2-D entropy stage (README 'Storage'); log8: 8-bit log-space code (default: %(default)s)")
+    p.add_argument("--codec-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a codec parameter (repeatable), VALUE read as JSON where it parses: e.g. quant2's "
+                        "entropy=zstd (decodes ~20x faster, ~40%% larger), sink=true, zstd_level=3, rel_error=0.0099")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each loads the teacher once; 0 = no Ray")
     p.add_argument("--gpus-per-worker", type=float, default=1.0,
                    help="GPUs per Ray actor, whatever this machine has (>1 shards the teacher; 0: CPU actors)")
@@ -60,6 +64,17 @@ def parse_args(argv: list[str] | None) -> CacheConfig:
                    help="re-cache committed shards that fail verification (every chunk is decoded to check)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow remote code for the teacher")
     args = p.parse_args(argv)
+    params = {}
+    for item in args.codec_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--codec-param {item!r}: write KEY=VALUE, e.g. entropy=zstd")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    args.codec_params = params
+    del args.codec_param
     return CacheConfig(**{k: v for k, v in vars(args).items()})
 
 

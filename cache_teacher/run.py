@@ -54,7 +54,9 @@ class CacheConfig:
     student: str | None = None
     """student directory: its depth sets student_layers and its layout is checked against the teacher's."""
     codec: str = DEFAULT_CODEC
-    """storage codec: lossless (float16 + zstd), quant (bounded-error uniform), log8."""
+    """storage codec: lossless (float16 + zstd), quant (bounded-error uniform), quant2, log8."""
+    codec_params: dict = field(default_factory=dict)
+    """the codec's parameters (``--codec-param KEY=VALUE``), e.g. {"entropy": "zstd", "sink": True} for quant2."""
     workers: int = 1
     """Ray actors (each loads the teacher once); 0 runs in this process without Ray."""
     gpus_per_worker: float = 1.0
@@ -81,6 +83,11 @@ class CacheConfig:
             problems.append(f"--signals {self.signals}: choose from {list(SIGNALS)}")
         if self.codec not in CODECS:
             problems.append(f"--codec {self.codec!r}: choose from {sorted(CODECS)}")
+        else:
+            try:
+                get_codec(self.codec, **self.codec_params)
+            except ValueError as err:
+                problems.append(f"--codec-param: {err}")
         if self.gpus_per_worker < 0:
             problems.append(f"--gpus-per-worker {self.gpus_per_worker} must be >= 0")
         if self.workers < 0 or self.batch_size < 1:
@@ -113,7 +120,7 @@ def build_manifest(config: CacheConfig, teacher_dir, teacher_processor, student_
         teacher={"name": teacher_dir.name, "path": str(teacher_dir), "family": family_of(teacher_dir),
                  "config_digest": _config_digest(teacher_dir), "num_layers": text.num_hidden_layers,
                  "num_heads": text.num_attention_heads},
-        signals=plan, codec=get_codec(config.codec).describe(), dtype=dtype,
+        signals=plan, codec=get_codec(config.codec, **config.codec_params).describe(), dtype=dtype,
         layout={"layout_version": LAYOUT_VERSION, "tiling": tiling.describe(), "image_backend": image_backend(teacher_processor)},
         dataset={"dataset_digest": data_manifest.dataset_digest, "shards_dir": str(config.data),
                  "samples": data_manifest.num_samples},

@@ -193,15 +193,72 @@ def test_cache_job_with_quant2_matches_a_lossless_cache(tmp_path, tiny_models, t
     from cache_teacher.run import CacheConfig, run
 
     caches = {}
-    for codec in ("lossless", "quant2"):
+    for codec, params in (("lossless", {}), ("quant2", {}), ("quant2-zstd", {"entropy": "zstd"})):
         config = CacheConfig(teacher=str(tiny_models["internvl", "teacher"]), data=str(tiny_shards),
-                             out=str(tmp_path / codec), workers=0, codec=codec)
+                             out=str(tmp_path / codec), workers=0, codec=codec.split("-")[0], codec_params=params)
         run(config)
         caches[codec] = open_cache(config.out)
     assert caches["quant2"].manifest.codec == get_codec("quant2").describe() and len(caches["quant2"]) == 8
     for key in caches["lossless"].keys():
         for signal in ("first_tv", "penult_tv", "mid"):
             ref, got = caches["lossless"][key].block(signal), caches["quant2"][key].block(signal)
+            np.testing.assert_array_equal(caches["quant2-zstd"][key].block(signal), got)  # same codes
             maps = ref.reshape(-1, ref.shape[-1]) if signal == "mid" else ref[None]
             for r, g in zip(maps, got.reshape(maps.shape)):
                 assert relative_frobenius(r, g) < 0.0105  # 0.99% against the float16 reference
+
+
+# ---------------------------------------------------------------------------- the zstd entropy stage
+@pytest.mark.parametrize("params", [{}, {"sink": True}, {"rel_error": 0.0001}])
+def test_zstd_stage_round_trips_triangles_and_rectangles_like_the_context_stage(params):
+    import zarr
+
+    from pipeline.cache.codec2 import RECT_COLUMNS, TRIANGLE_COLUMNS
+
+    rng = np.random.default_rng(3)
+    size = 40
+    attention = np.tril(rng.random((size, size)) ** 6)
+    attention /= attention.sum(1, keepdims=True)
+    attention[:, 0] += 5.0  # a sink: codes above 255 (escapes)
+    tri = attention[np.tril_indices(size)].astype(np.float32)
+    rect = rng.random((6, 11)).astype(np.float32)
+    for values, lengths, kind in ((np.concatenate([tri, tri * 2]), np.tile(np.arange(1, size + 1), 2), TRIANGLE_COLUMNS),
+                                  (rect.ravel(), np.full(6, 11), RECT_COLUMNS)):
+        rows = [size, size] if kind == TRIANGLE_COLUMNS else [6]
+        decoded = {}
+        for stage in ("context", "zstd"):
+            group = zarr.open_group(zarr.storage.MemoryStore({}), mode="w", zarr_format=3)
+            codec = get_codec("quant2", entropy=stage, **params)
+            codec.write(group, "x", values, row_lengths=lengths, block_rows=rows)
+            blocks = codec.read_codes(group, "x", start=0, stop=values.size, row_lengths=lengths)
+            decoded[stage] = blocks.numpy()
+            if stage == "zstd":
+                assert [k for k, _, _ in blocks.layouts] == [kind] * len(rows) and blocks.codes.dtype == torch.uint8
+        np.testing.assert_array_equal(decoded["zstd"], decoded["context"])  # same codes, other entropy stage
+
+
+def test_zstd_stage_refuses_a_frame_of_the_wrong_size_and_bad_parameters():
+    import numcodecs
+
+    from pipeline.cache.codec2 import _zstd_decode, frame_content_size
+
+    for n in (0, 1, 255, 256, 65791, 65792, 300000):
+        assert frame_content_size(numcodecs.Zstd(3).encode(np.zeros(n, np.uint8))) == n
+    frame = numcodecs.Zstd(3).encode(np.zeros(10, np.uint8))
+    stream = len(frame).to_bytes(4, "little") + frame
+    with pytest.raises(ValueError, match="holds 10 codes, the block has 12"):
+        _zstd_decode(stream, 0, 12, np.zeros(12, np.uint8))
+    with pytest.raises(ValueError, match="entropy must be one of context, zstd"):
+        get_codec("quant2", entropy="lz4")
+    with pytest.raises(ValueError, match="zstd_level must be an integer in"):
+        get_codec("quant2", entropy="zstd", zstd_level=0)
+
+
+def test_cache_cli_passes_codec_parameters_and_refuses_bad_ones():
+    from cache_teacher.cli import parse_args
+
+    base = ["--teacher", "t", "--data", "d", "--out", "o", "--codec", "quant2"]
+    config = parse_args([*base, "--codec-param", "entropy=zstd", "--codec-param", "sink=true"])
+    assert config.codec_params == {"entropy": "zstd", "sink": True}
+    with pytest.raises(ValueError, match="entropy must be one of"):
+        parse_args([*base, "--codec-param", "entropy=x"]).validate()

@@ -1,5 +1,6 @@
-"""Codec ``quant2`` (codec format version 2): bounded per-map uniform quantisation, then a 2-D context
-model over each map's code image, one variable-length blob per map.
+"""Codec ``quant2`` (codec format version 2): bounded per-map uniform quantisation, then an entropy stage
+per map (one variable-length blob each): a 2-D context model (``entropy="context"``, the smallest) or
+zstd over the map's codes in column order (``entropy="zstd"``, decodes ~30x faster).
 
 Quantisation (``quantise``, torch, on whatever device holds the maps): one step per block (map),
 searched with a few batched reductions (no host sync until the codes are ready) and verified: the
@@ -9,12 +10,20 @@ packed triangle that is key 0, the attention sink) and bounds the error of the R
 small entries a whole-map bound would mostly zero. Codes cross to the host as uint8 or uint16
 (1-2 bytes per entry; int32 only if a code exceeds 65535).
 
-Entropy stage (``pipeline.cache.entropy``): an adaptive binary arithmetic coder whose contexts come from
-the rows above (a running column mean, the code above, the code to the left, the distance to the
-diagonal), numba-compiled and GIL-free, so the writer encodes maps in a thread pool.
+Entropy stages:
+- ``context`` (``pipeline.cache.entropy``): an adaptive binary arithmetic coder whose contexts come from
+  the rows above (a running column mean, the code above, the code to the left, the distance to the
+  diagonal), numba-compiled and GIL-free, so the writer encodes maps in a thread pool. Sequential:
+  decoding costs about as much as encoding.
+- ``zstd`` (``zstd_level``): the map's codes in COLUMN order (a key's salience persists down the rows,
+  so a column is long runs of similar codes; in a packed triangle column j holds rows j..S-1), as byte
+  planes (1, 2 or 4: the narrowest that holds the map's largest code), one zstd frame. Decoding is
+  zstd's (~1 GB/s) plus nothing on the host: the reader hands the column-ordered codes to the device,
+  which puts them back in row order while it dequantises (``CodeBlocks.layouts``).
 
-Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle; byte length of the
-exact first column, blosc-zstd float32, 0 without sink), that column, then the coded stream.
+Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle, 4 = zstd stage,
+8 / 16 = 2 / 4 byte planes, 32 = column order; byte length of the exact first column, blosc-zstd
+float32, 0 without sink), that column, then the coded stream.
 Layout: group ``name`` (attrs {"codec": describe()}) holding ``blob`` (uint8, crc32c chunks, no further
 compression), ``blob_offset``, ``block_row`` and ``block_elem`` (int64 [n_blocks + 1]: byte, row and
 element offset of each block). A read covers whole blocks (a sample's maps).
@@ -23,11 +32,12 @@ Measured on real maps (SmolLM2-135M-Instruct, all 30 layers, S = 1736, three tex
 ``benchmarks/results/cache_real-maps_smollm2.json``): 22.1x against the raw float16 lower triangle at
 <= 0.99% per map (quant: 12.5x), sink-aware 13.6x at <= 0.99% without column 0; text-to-vision-like
 blocks 4.8x against the raw float16 block. The same codes under JPEG-LS 13.5x, JPEG-XL lossless
-(effort 2) 13.8x, blosc-zstd 11.9x.
+(effort 2) 13.8x, blosc-zstd 11.9x. The ``zstd`` stage's figures are in the same file.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import ClassVar
@@ -42,7 +52,11 @@ from pipeline.cache.codec_base import as_rows, as_values, check_range, create_ar
 from pipeline.cache.format import block_rows_for, row_lengths_for
 
 _HEADER = struct.Struct("<fBI")
-_SINK, _TRIANGLE = 1, 2
+_SINK, _TRIANGLE, _ZSTD, _WIDE2, _WIDE4, _COLUMNS = 1, 2, 4, 8, 16, 32
+ENTROPY_STAGES = ("context", "zstd")
+# a block's layout in CodeBlocks.layouts: its codes in row order, or in column order of a packed triangle
+# (rows 1..S) or of a rectangle (rows x cols)
+ROWS, TRIANGLE_COLUMNS, RECT_COLUMNS = 0, 1, 2
 _FIRST_CODEC = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
 _SEARCH_STEPS = 6
 
@@ -53,7 +67,9 @@ class Quantised:
 
     codes: flat codes (uint8 / uint16 / int32), 0 where ``first`` holds the value; shape: the stored
     shape of the sample's block; row_lengths / block_rows: the row structure; steps: float32 per
-    block; first: float32 per row (entry 0 of each row, exact) with ``sink``, else None.
+    block; first: float32 per row (entry 0 of each row, exact) with ``sink``, else None; columns: the
+    codes of triangle and rectangle blocks are in column order already (the zstd stage's order, put so
+    on the device), else every block is in row order.
     """
 
     codes: np.ndarray
@@ -62,6 +78,7 @@ class Quantised:
     block_rows: np.ndarray
     steps: np.ndarray
     first: np.ndarray | None
+    columns: bool = False
 
     @property
     def size(self) -> int:
@@ -131,6 +148,8 @@ class ContextQuantCodec:
 
     rel_error: float = 0.0099
     sink: bool = False
+    entropy: str = "context"
+    zstd_level: int = 3
     name: ClassVar[str] = "quant2"
     since: ClassVar[int] = 2
     lossless: ClassVar[bool] = False
@@ -141,6 +160,13 @@ class ContextQuantCodec:
                              f"error per map; below 1e-4 use 'lossless'), got {self.rel_error!r}")
         if not isinstance(self.sink, bool):
             raise ValueError(f"sink must be true or false (store entry 0 of every row exactly), got {self.sink!r}")
+        if self.entropy not in ENTROPY_STAGES:
+            raise ValueError(f"entropy must be one of {', '.join(ENTROPY_STAGES)} (context: smallest; zstd: "
+                             f"decodes ~30x faster), got {self.entropy!r}")
+        if not (isinstance(self.zstd_level, int) and not isinstance(self.zstd_level, bool)
+                and 1 <= self.zstd_level <= 22):
+            raise ValueError(f"zstd_level must be an integer in [1, 22] (higher: smaller, slower to encode; "
+                             f"decoding speed barely changes), got {self.zstd_level!r}")
 
     def describe(self) -> dict:
         return describe_codec(self)
@@ -172,6 +198,8 @@ class ContextQuantCodec:
             if self.sink:
                 index = torch.as_tensor(_row_starts(rows)[rows > 0], device=x.device)
             c, s, f = _quantise_batch(x, index, self.rel_error)
+            if self.entropy == "zstd":  # the zstd stage's column order, a gather on the device
+                c = _to_columns(c, rows)
             codes.append(c.reshape(-1))
             steps.append(s)
             if f is not None:
@@ -184,7 +212,8 @@ class ContextQuantCodec:
                          row_lengths=lengths, block_rows=blocks,
                          steps=(torch.cat(steps).cpu().numpy() if steps else np.zeros(0, np.float32)),
                          first=(torch.cat(firsts).cpu().numpy() if self.sink and firsts else
-                                (np.zeros(0, np.float32) if self.sink else None)))
+                                (np.zeros(0, np.float32) if self.sink else None)),
+                         columns=self.entropy == "zstd")
 
     def quantise_signal(self, signal: str, block) -> Quantised:
         """``quantise`` of one sample's stored block of ``signal`` (torch on any device, or numpy), its row
@@ -201,8 +230,13 @@ class ContextQuantCodec:
         first = b""
         if self.sink:
             first = _FIRST_CODEC.encode(np.ascontiguousarray(quantised.first[row_bounds[block]:row_bounds[block + 1]]))
-        stream = entropy.encode_block(codes, _row_starts(lengths), lengths, skip_first=self.sink, triangle=triangle)
         flags = (_SINK if self.sink else 0) | (_TRIANGLE if triangle else 0)
+        if self.entropy == "zstd":
+            stream, stage_flags = _zstd_encode(codes, lengths, triangle, self.zstd_level, quantised.columns)
+            flags |= _ZSTD | stage_flags
+        else:
+            stream = entropy.encode_block(codes, _row_starts(lengths), lengths, skip_first=self.sink,
+                                          triangle=triangle)
         return _HEADER.pack(float(quantised.steps[block]), flags, len(first)) + bytes(first) + stream
 
     # ------------------------------------------------------------------ storage
@@ -251,13 +285,126 @@ class ContextQuantCodec:
                                row_lengths=row_lengths).numpy()
 
 
+# ---------------------------------------------------------------------------- the zstd stage
+_ZSTD_CODEC = {}
+_FRAME = struct.Struct("<I")
+ESCAPE = 255  # a code >= 255 is stored as 255 in the byte plane, its value in the escape list
+
+
+def _zstd(level: int) -> numcodecs.Zstd:
+    if level not in _ZSTD_CODEC:
+        _ZSTD_CODEC[level] = numcodecs.Zstd(level=level)
+    return _ZSTD_CODEC[level]
+
+
+@functools.lru_cache(maxsize=4)
+def triangle_column_order(size: int) -> np.ndarray:
+    """Row-order positions (int64) of a packed lower triangle of ``size`` rows, listed in column order:
+    column j holds rows j..size-1, at row-order position i (i + 1) / 2 + j."""
+    rows = np.arange(size, dtype=np.int64)
+    return np.concatenate([rows[j:] * (rows[j:] + 1) // 2 + j for j in range(size)]) if size else rows
+
+
+@functools.lru_cache(maxsize=8)
+def _triangle_columns(size: int, device: str) -> torch.Tensor:
+    return torch.from_numpy(triangle_column_order(size)).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _triangle_row_order(size: int, device: str) -> torch.Tensor:
+    """The inverse of ``triangle_column_order``: for each row-order position, its column-order position
+    (on ``device``, where the reader puts codes back in row order)."""
+    i = np.repeat(np.arange(size, dtype=np.int64), np.arange(1, size + 1))
+    j = np.arange(size * (size + 1) // 2, dtype=np.int64) - i * (i + 1) // 2
+    return torch.from_numpy(j * size - j * (j - 1) // 2 + (i - j)).to(device)
+
+
+def _layout(lengths: np.ndarray, triangle: bool | None = None) -> tuple[int, int, int]:
+    """(kind, rows, cols) of a block with rows ``lengths`` in the zstd stage's order."""
+    if triangle is None:
+        triangle = bool(lengths.size) and np.array_equal(lengths, np.arange(1, lengths.size + 1))
+    if triangle:
+        return TRIANGLE_COLUMNS, int(lengths.size), int(lengths.size)
+    if lengths.size > 1 and bool((lengths == lengths[0]).all()):
+        return RECT_COLUMNS, int(lengths.size), int(lengths[0])
+    return ROWS, int(lengths.size), 0
+
+
+def _to_columns(codes: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
+    """Codes [n, size] of n blocks with rows ``lengths`` in the zstd stage's order (on their device)."""
+    kind, rows, cols = _layout(lengths)
+    if kind == TRIANGLE_COLUMNS:
+        return codes.index_select(1, _triangle_columns(rows, str(codes.device)))
+    if kind == RECT_COLUMNS:
+        return codes.reshape(-1, rows, cols).transpose(1, 2).reshape(codes.shape[0], -1)
+    return codes
+
+
+def _zstd_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, level: int,
+                 in_columns: bool) -> tuple[bytes, int]:
+    """One block's codes in column order (triangle / rectangle; other row structures in row order;
+    ``in_columns``: they already are), one byte per code with ``ESCAPE`` for codes >= 255, as one zstd
+    frame, then (if any) the escaped codes (uint16, or uint32 if one exceeds 65535) as a second frame.
+    Stream: ``<I`` byte length of the first frame, the frames; returns (stream, flags)."""
+    kind, rows, cols = _layout(lengths, triangle)
+    if not in_columns:
+        codes = _to_columns(torch.from_numpy(codes.reshape(1, -1)), lengths).numpy().reshape(-1)
+    flags = 0 if kind == ROWS else _COLUMNS
+    small = np.minimum(codes, ESCAPE).astype(np.uint8)
+    frame = bytes(_zstd(level).encode(small))
+    escaped = codes[small == ESCAPE]
+    rest = b""
+    if escaped.size:
+        wide = int(escaped.max()) > 65535
+        flags |= _WIDE4 if wide else _WIDE2
+        rest = bytes(_zstd(level).encode(escaped.astype("<u4" if wide else "<u2")))
+    return _FRAME.pack(len(frame)) + frame + rest, flags
+
+
+def frame_content_size(frame) -> int | None:
+    """The decompressed size a zstd frame's header declares (None: not declared or not a zstd frame);
+    the zstd format (RFC 8878, section 3.1.1.1): magic, descriptor, window, dictionary id, content size."""
+    head = bytes(frame[:18])
+    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    fcs_flag, single, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if not width or len(head) < at + width:
+        return None
+    value = int.from_bytes(head[at:at + width], "little")
+    return value + 256 if width == 2 else value
+
+
+def _zstd_decode(stream: bytes, flags: int, size: int, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (uint8, contiguous: the block's codes in stored order, ESCAPE where escaped) from one
+    stream of ``_zstd_encode``, zstd writing straight into it; returns the escaped codes (int32, in order)."""
+    (n,) = _FRAME.unpack_from(stream)
+    frame = memoryview(stream)[_FRAME.size:_FRAME.size + n]
+    decoder = _zstd(1)  # the level does not matter to the decoder
+    held = frame_content_size(frame)
+    if held != size:
+        raise ValueError(f"zstd frame holds {held} codes, the block has {size}")
+    if size:
+        decoder.decode(frame, out=out)
+    width = 4 if flags & _WIDE4 else (2 if flags & _WIDE2 else 0)
+    if not width:
+        return np.zeros(0, np.int32)
+    escaped = np.frombuffer(decoder.decode(memoryview(stream)[_FRAME.size + n:]), dtype="<u4" if width == 4 else "<u2")
+    return escaped.astype(np.int32)  # their count is checked where they are put back (dequantise)
+
+
+# ---------------------------------------------------------------------------- decoded blocks
 @dataclass
 class CodeBlocks:
     """Decoded codes of whole blocks (torch tensors on the CPU) that dequantise on any device.
 
     codes: flat (uint8, or uint16 carried as int16 bits, or int32); sizes / steps: elements and step
-    of each block; first_index / first: flat positions and exact values of the entries stored exactly
-    (``sink``; empty otherwise).
+    of each block; first_index / first: flat positions (row order) and exact values of the entries
+    stored exactly (``sink``; empty otherwise); layouts: per block (kind, rows, cols), the order its
+    codes are in (``ROWS``, or column order of a triangle / rectangle: the zstd stage), empty: all rows;
+    escapes: with uint8 codes from the zstd stage, the values of the codes stored as ``ESCAPE``, in order.
     """
 
     codes: torch.Tensor
@@ -266,15 +413,38 @@ class CodeBlocks:
     steps: torch.Tensor
     first_index: torch.Tensor
     first: torch.Tensor
+    layouts: tuple = ()
+    escapes: torch.Tensor | None = None
 
     def pin_memory(self) -> CodeBlocks:
         return CodeBlocks(self.codes.pin_memory(), self.wide, self.sizes, self.steps.pin_memory(),
-                          self.first_index.pin_memory(), self.first.pin_memory())
+                          self.first_index.pin_memory(), self.first.pin_memory(), self.layouts,
+                          None if self.escapes is None else self.escapes.pin_memory())
+
+    def _row_order(self, codes: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Blocks stored in column order put back in row order (on ``device``)."""
+        if not any(kind != ROWS for kind, _, _ in self.layouts):
+            return codes
+        parts = list(codes.split(self.sizes.tolist()))
+        for b, (kind, rows, cols) in enumerate(self.layouts):
+            if kind == TRIANGLE_COLUMNS:
+                parts[b] = parts[b][_triangle_row_order(rows, str(device))]
+            elif kind == RECT_COLUMNS:
+                parts[b] = parts[b].reshape(cols, rows).t().reshape(-1)
+        return torch.cat(parts)
 
     def dequantise(self, device=None, non_blocking: bool = False) -> torch.Tensor:
-        """float32 values (flat) on ``device``: ``codes * step`` of each block, exact entries put back."""
+        """float32 values (flat, row order) on ``device``: ``codes * step`` of each block, exact entries put back."""
         device = torch.device("cpu") if device is None else torch.device(device)
         codes = self.codes.to(device, non_blocking=non_blocking)
+        if self.escapes is not None and self.escapes.numel():
+            codes = codes.to(torch.int32)
+            where = codes == ESCAPE
+            if int(where.sum()) != self.escapes.numel():
+                raise ValueError(f"{int(where.sum())} escaped codes but {self.escapes.numel()} escape values: the "
+                                 "zstd stage's streams are inconsistent")
+            codes[where] = self.escapes.to(device, non_blocking=non_blocking)
+        codes = self._row_order(codes, device)
         values = (codes.to(torch.int32) & 0xFFFF) if self.wide else codes
         steps = self.steps.to(device, non_blocking=non_blocking)
         if self.sizes.numel() and bool((self.sizes == self.sizes[0]).all()):
@@ -302,13 +472,17 @@ def _wire(codes: np.ndarray) -> tuple[torch.Tensor, bool]:
 
 def decode_blobs(data: bytes, offsets: np.ndarray, lengths: np.ndarray, block_row: np.ndarray) -> CodeBlocks:
     """Decode consecutive blobs (byte ``offsets`` into ``data``) of blocks with rows ``lengths``
-    (``block_row``: each block's first row, relative)."""
+    (``block_row``: each block's first row, relative). Blobs of the zstd stage stay on the host as they
+    are stored (one byte per code, column order, escapes apart): the device finishes them (``dequantise``)."""
     starts = _row_starts(lengths)
-    codes = np.zeros(int(lengths.sum()), dtype=np.int32)
-    steps, sizes, first_index, first = [], [], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    headers = [_HEADER.unpack_from(data, int(offsets[b])) for b in range(offsets.size - 1)]
+    zstd_only = all(flags & _ZSTD for _, flags, _ in headers)
+    codes = np.zeros(int(lengths.sum()), dtype=np.uint8 if zstd_only else np.int32)
+    small = codes if zstd_only else None
+    steps, sizes, layouts, escapes = [], [], [], []
+    first_index, first = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     elem = 0
-    for b in range(offsets.size - 1):
-        step, flags, n_first = _HEADER.unpack_from(data, int(offsets[b]))
+    for b, (step, flags, n_first) in enumerate(headers):
         rows = lengths[block_row[b]:block_row[b + 1]]
         at = int(offsets[b]) + _HEADER.size
         if flags & _SINK:
@@ -317,13 +491,32 @@ def decode_blobs(data: bytes, offsets: np.ndarray, lengths: np.ndarray, block_ro
             first.append(np.frombuffer(_FIRST_CODEC.decode(data[at:at + n_first]), dtype=np.float32)[kept])
         at += n_first
         size = int(rows.sum())
-        entropy.decode_block(data[at:int(offsets[b + 1])], _row_starts(rows), rows, skip_first=bool(flags & _SINK),
-                             triangle=bool(flags & _TRIANGLE), codes=codes[elem:elem + size])
+        stream = data[at:int(offsets[b + 1])]
+        layout = (ROWS, int(rows.size), 0)
+        if not flags & _ZSTD:
+            entropy.decode_block(stream, _row_starts(rows), rows, skip_first=bool(flags & _SINK),
+                                 triangle=bool(flags & _TRIANGLE), codes=codes[elem:elem + size])
+        elif zstd_only:
+            escapes.append(_zstd_decode(stream, flags, size, small[elem:elem + size]))
+            if flags & _COLUMNS:
+                layout = _layout(rows, bool(flags & _TRIANGLE))
+        else:  # a read mixing both stages (never written so): this block finished here, in row order
+            block = np.zeros(size, np.uint8)
+            escaped = _zstd_decode(stream, flags, size, block)
+            one = CodeBlocks(torch.from_numpy(block), False, torch.tensor([size]), torch.ones(1),
+                             torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                             (_layout(rows, bool(flags & _TRIANGLE)) if flags & _COLUMNS else layout,),
+                             torch.from_numpy(escaped))
+            codes[elem:elem + size] = one.dequantise().numpy().astype(np.int32)
+        layouts.append(layout)
         steps.append(step)
         sizes.append(size)
         elem += size
-    wire, wide = _wire(codes)
+    if zstd_only:
+        wire, wide, escaped = torch.from_numpy(codes), False, torch.from_numpy(np.concatenate(escapes or [np.zeros(0, np.int32)]))
+    else:
+        (wire, wide), escaped = _wire(codes), None
     return CodeBlocks(codes=wire, wide=wide, sizes=torch.tensor(sizes, dtype=torch.int64),
                       steps=torch.tensor(steps, dtype=torch.float32),
                       first_index=torch.from_numpy(np.concatenate(first_index)),
-                      first=torch.from_numpy(np.concatenate(first)))
+                      first=torch.from_numpy(np.concatenate(first)), layouts=tuple(layouts), escapes=escaped)
