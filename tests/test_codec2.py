@@ -262,3 +262,16 @@ def test_cache_cli_passes_codec_parameters_and_refuses_bad_ones():
     assert config.codec_params == {"entropy": "zstd", "sink": True}
     with pytest.raises(ValueError, match="entropy must be one of"):
         parse_args([*base, "--codec-param", "entropy=x"]).validate()
+
+
+def test_a_read_mixing_both_entropy_stages_is_refused():
+    from pipeline.cache.codec2 import decode_blobs
+
+    values = np.random.default_rng(1).random(10).astype(np.float32)
+    blobs = []
+    for stage in ("context", "zstd"):
+        codec = get_codec("quant2", entropy=stage)
+        blobs.append(codec.encode(codec.quantise(torch.from_numpy(values), [10], [1]), 0))
+    offsets = np.array([0, len(blobs[0]), len(blobs[0]) + len(blobs[1])])
+    with pytest.raises(ValueError, match="both entropy stages"):
+        decode_blobs(b"".join(blobs), offsets, np.array([10, 10]), np.array([0, 1, 2]))

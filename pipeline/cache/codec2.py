@@ -1,6 +1,6 @@
 """Codec ``quant2`` (codec format version 2): bounded per-map uniform quantisation, then an entropy stage
 per map (one variable-length blob each): a 2-D context model (``entropy="context"``, the smallest) or
-zstd over the map's codes in column order (``entropy="zstd"``, decodes ~30x faster).
+zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode).
 
 Quantisation (``quantise``, torch, on whatever device holds the maps): one step per block (map),
 searched with a few batched reductions (no host sync until the codes are ready) and verified: the
@@ -16,13 +16,14 @@ Entropy stages:
   diagonal), numba-compiled and GIL-free, so the writer encodes maps in a thread pool. Sequential:
   decoding costs about as much as encoding.
 - ``zstd`` (``zstd_level``): the map's codes in COLUMN order (a key's salience persists down the rows,
-  so a column is long runs of similar codes; in a packed triangle column j holds rows j..S-1), as byte
-  planes (1, 2 or 4: the narrowest that holds the map's largest code), one zstd frame. Decoding is
-  zstd's (~1 GB/s) plus nothing on the host: the reader hands the column-ordered codes to the device,
-  which puts them back in row order while it dequantises (``CodeBlocks.layouts``).
+  so a column is long runs of similar codes; in a packed triangle column j holds rows j..S-1; the
+  worker reorders them on the teacher's device), one byte per code with ``ESCAPE`` (255) standing for
+  codes >= 255, one zstd frame; the escaped codes' values in a second frame. The host only runs zstd:
+  the reader hands the column-ordered bytes to the device, which puts the escapes back, restores row
+  order and dequantises (``CodeBlocks.layouts``, ``CodeBlocks.escapes``).
 
 Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle, 4 = zstd stage,
-8 / 16 = 2 / 4 byte planes, 32 = column order; byte length of the exact first column, blosc-zstd
+8 / 16 = escaped codes as uint16 / uint32, 32 = column order; byte length of the exact first column, blosc-zstd
 float32, 0 without sink), that column, then the coded stream.
 Layout: group ``name`` (attrs {"codec": describe()}) holding ``blob`` (uint8, crc32c chunks, no further
 compression), ``blob_offset``, ``block_row`` and ``block_elem`` (int64 [n_blocks + 1]: byte, row and
@@ -286,15 +287,13 @@ class ContextQuantCodec:
 
 
 # ---------------------------------------------------------------------------- the zstd stage
-_ZSTD_CODEC = {}
 _FRAME = struct.Struct("<I")
 ESCAPE = 255  # a code >= 255 is stored as 255 in the byte plane, its value in the escape list
 
 
+@functools.cache
 def _zstd(level: int) -> numcodecs.Zstd:
-    if level not in _ZSTD_CODEC:
-        _ZSTD_CODEC[level] = numcodecs.Zstd(level=level)
-    return _ZSTD_CODEC[level]
+    return numcodecs.Zstd(level=level)
 
 
 @functools.lru_cache(maxsize=4)
@@ -477,8 +476,10 @@ def decode_blobs(data: bytes, offsets: np.ndarray, lengths: np.ndarray, block_ro
     starts = _row_starts(lengths)
     headers = [_HEADER.unpack_from(data, int(offsets[b])) for b in range(offsets.size - 1)]
     zstd_only = all(flags & _ZSTD for _, flags, _ in headers)
+    if not zstd_only and any(flags & _ZSTD for _, flags, _ in headers):
+        raise ValueError("blobs of both entropy stages (context and zstd) in one read: an array is written by "
+                         "one codec; the blob flags are damaged (python -m cache_teacher.verify CACHE --deep)")
     codes = np.zeros(int(lengths.sum()), dtype=np.uint8 if zstd_only else np.int32)
-    small = codes if zstd_only else None
     steps, sizes, layouts, escapes = [], [], [], []
     first_index, first = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     elem = 0
@@ -496,18 +497,10 @@ def decode_blobs(data: bytes, offsets: np.ndarray, lengths: np.ndarray, block_ro
         if not flags & _ZSTD:
             entropy.decode_block(stream, _row_starts(rows), rows, skip_first=bool(flags & _SINK),
                                  triangle=bool(flags & _TRIANGLE), codes=codes[elem:elem + size])
-        elif zstd_only:
-            escapes.append(_zstd_decode(stream, flags, size, small[elem:elem + size]))
+        else:
+            escapes.append(_zstd_decode(stream, flags, size, codes[elem:elem + size]))
             if flags & _COLUMNS:
                 layout = _layout(rows, bool(flags & _TRIANGLE))
-        else:  # a read mixing both stages (never written so): this block finished here, in row order
-            block = np.zeros(size, np.uint8)
-            escaped = _zstd_decode(stream, flags, size, block)
-            one = CodeBlocks(torch.from_numpy(block), False, torch.tensor([size]), torch.ones(1),
-                             torch.zeros(0, dtype=torch.int64), torch.zeros(0),
-                             (_layout(rows, bool(flags & _TRIANGLE)) if flags & _COLUMNS else layout,),
-                             torch.from_numpy(escaped))
-            codes[elem:elem + size] = one.dequantise().numpy().astype(np.int32)
         layouts.append(layout)
         steps.append(step)
         sizes.append(size)
