@@ -27,12 +27,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--views", choices=VIEW_CHOICES, default="mixed",
                         help="1: CAM_FRONT only (BDD100K-like); 6: nuScenes surround cameras; mixed (default): "
                              f"about {SIX_VIEW_SHARE:.0%}% six-camera records")
+    parser.add_argument("--captions", type=int, default=0,
+                        help="also write N open-ended CAM_FRONT scene descriptions (light, sign, vehicle ahead, side "
+                             "lanes, pedestrians, plan; capability perception), shuffled in: dense supervision for "
+                             "training a tiny teacher from scratch (make demo-teacher; default 0)")
     args = parser.parse_args(argv)
     try:
         _check_arguments(args.samples, args.seed, args.image_size, args.views)
+        if args.captions < 0:
+            raise ValueError(f"captions must be >= 0, got {args.captions}")
     except ValueError as error:
         parser.error(str(error))
-    records = generate(args.out, samples=args.samples, seed=args.seed, image_size=args.image_size, views=args.views)
+    records = generate(args.out, samples=args.samples, seed=args.seed, image_size=args.image_size, views=args.views,
+                       captions=args.captions)
     images = sum(len(record["images"]) for record in records)
     print(f"wrote {len(records)} records and {images} images to {Path(args.out) / 'qa.json'}")
 

@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline.data.demo import (
     ACTION_OPTIONS,
     CAPABILITIES,
+    CAPTION_QUESTION,
     FAMILIES,
     LETTERS,
     STOP_REASON_OPTIONS,
@@ -27,11 +28,14 @@ from pipeline.data.scenes import (
     LIGHT_BOX,
     LIGHT_STATES,
     SURROUND,
+    crossing_pedestrian,
+    describe,
     lead_vehicle,
     plan_action,
     render,
     sample_scene,
     stop_causes,
+    vehicles_in_lane,
 )
 from pipeline.demo_data import main
 from pipeline.evaluation.scoring import score_choice
@@ -228,3 +232,45 @@ def test_cli_writes_six_view_set(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_captions_are_added_without_changing_the_qa_records(tmp_path):
+    records = generate(tmp_path, samples=6, seed=3, captions=4)
+    assert records == json.loads((tmp_path / "qa.json").read_text())
+    captions = [r for r in records if r["messages"][0]["content"] == "<image>\n" + CAPTION_QUESTION]
+    qa = [r for r in records if r not in captions]
+    assert len(captions) == 4 and len(qa) == 6
+    assert sorted(map(json.dumps, qa)) == sorted(json.dumps(s.record) for s in build_samples(samples=6, seed=3))
+    for record in captions:
+        assert record["question_type"] == "perception" and len(record["images"]) == 1
+        assert (tmp_path / record["images"][0]).is_file()
+        assert record["messages"][1]["content"].startswith("Traffic light: ")
+    with pytest.raises(ValueError, match="captions"):
+        generate(tmp_path, samples=2, captions=-1)
+
+
+def test_description_states_every_fact_the_families_ask_about():
+    for sample in build_samples(samples=90, seed=5, views="1"):
+        scene, text = sample.scene, describe(sample.scene)
+        assert f"Traffic light: {scene.light or 'none'}." in text
+        assert f"Sign: {(scene.sign or 'none').replace('_', ' ')}." in text
+        lead = lead_vehicle(scene)
+        if lead is None:
+            assert "Ahead: clear." in text
+        else:
+            assert f"Ahead: {lead.name}, {'moving' if lead.moving else 'stopped'}," in text
+        for side in ("left", "right"):
+            names = [o.name for o in vehicles_in_lane(scene, side)]
+            assert f"{side.capitalize()} lane: {', '.join(names) or 'free'}." in text
+        crossing = crossing_pedestrian(scene)
+        assert f"Crossing: {crossing.name if crossing else 'none'}." in text
+        assert text.endswith(f"Plan: {plan_action(scene)[0].replace('_', ' ')}.")
+
+
+def test_cli_adds_captions(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--samples", "3", "--views", "1", "--captions", "2"])
+    assert "wrote 5 records and 5 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--samples", "3", "--captions", "-1"])
+    assert exit_info.value.code == 2
+    assert "captions must be >= 0" in capsys.readouterr().err

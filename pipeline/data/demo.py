@@ -27,6 +27,7 @@ from pipeline.data.scenes import (
     SURROUND,
     Scene,
     crossing_pedestrian,
+    describe,
     lead_vehicle,
     plan_action,
     render,
@@ -42,6 +43,8 @@ SIX_VIEW_SHARE = 0.25  # share of six-camera records under views="mixed"
 NO_PLACEHOLDER_SHARE = 1 / 6  # records whose prompt has no <image> placeholder (all images go first)
 MAX_IMAGE_SIZE = 2048
 ASK_TRIES = 500
+CAPTION_QUESTION = ("Describe CAM_FRONT: the traffic light, the sign, the vehicle ahead, the left and right lanes, "
+                    "the pedestrians, and what the ego vehicle should do.")
 
 # Option texts are short and each starts with its own word, so the option an answer names is easy to find.
 LIGHT_OPTIONS = {"red": "Red", "yellow": "Yellow", "green": "Green", "none": "No traffic light"}
@@ -300,6 +303,26 @@ def _record(rng: random.Random, balancer: _Balancer, capability: str, scene: Sce
     }
 
 
+def caption_samples(*, count: int, seed: int = 0) -> list[Sample]:
+    """`count` open-ended scene-description records (capability perception, answer `scenes.describe`).
+
+    Their scenes come from their own seeded stream, so adding captions never changes a seed's QA records.
+    They are dense supervision for training the demo teacher from scratch: one record states every fact the
+    question families ask about (the issue of a tiny VLM learning to locate small road users from
+    one-word answers alone).
+    """
+    _check_int("captions", count, 0)
+    rng = random.Random(f"captions/{seed}")
+    samples = []
+    for index in range(count):
+        scene = sample_scene(rng, f"cap{index:06d}", (FRONT,))
+        record = {"messages": [{"role": "user", "content": "<image>\n" + CAPTION_QUESTION},
+                               {"role": "assistant", "content": describe(scene)}],
+                  "images": [image_path(scene.scene_id, FRONT)], "question_type": "perception"}
+        samples.append(Sample(scene, record, "caption"))
+    return samples
+
+
 def image_path(scene_id: str, camera: str) -> str:
     """Path of one camera image, relative to the output folder."""
     return f"images/{scene_id}/{camera}.png"
@@ -325,10 +348,18 @@ def _check_int(name: str, value, minimum: int | None, maximum: int | None = None
 # ---------------------------------------------------------------- public API and CLI
 
 
-def generate(out_dir, *, samples: int, seed: int = 0, image_size: int = 112, views: str = "mixed") -> list[dict]:
-    """Draws the scenes into `out_dir`/images and writes `out_dir`/qa.json last; returns the records."""
+def generate(out_dir, *, samples: int, seed: int = 0, image_size: int = 112, views: str = "mixed",
+             captions: int = 0) -> list[dict]:
+    """Draws the scenes into `out_dir`/images and writes `out_dir`/qa.json last; returns the records.
+
+    With `captions` > 0 that many scene-description records (caption_samples) are added and the whole list
+    is shuffled with the seed, so that a shard holds both kinds.
+    """
     _check_arguments(samples, seed, image_size, views)
     built = build_samples(samples=samples, seed=seed, views=views)
+    if captions:
+        built += caption_samples(count=captions, seed=seed)
+        random.Random(seed).shuffle(built)
     out = Path(out_dir)
     for sample in tqdm(built, desc="drawing scenes", unit="scene"):
         for camera, relative in zip(sample.scene.cameras, sample.record["images"]):

@@ -184,6 +184,29 @@ def plan_action(scene: Scene) -> tuple[str, str]:
     return "keep_going", "Nothing blocks the ego lane."
 
 
+def describe(scene: Scene) -> str:
+    """A CAM_FRONT description that states every fact the question families ask about, and the plan.
+
+    Used as dense supervision for the demo teacher (``pipeline.demo_data --captions``): one record teaches
+    where the light, the sign, the vehicle ahead, the side lanes and the pedestrians are, and what ego does.
+    """
+    lead = lead_vehicle(scene)
+    crossing = crossing_pedestrian(scene)
+    walking = sum(o.kind == "pedestrian" and not o.crossing for o in scene.in_camera(FRONT))
+    parts = [f"Traffic light: {scene.light or 'none'}.", f"Sign: {(scene.sign or 'none').replace('_', ' ')}."]
+    if lead is None:
+        parts.append("Ahead: clear.")
+    else:
+        state = "moving" if lead.moving else "stopped"
+        parts.append(f"Ahead: {lead.name}, {state}, {'close' if lead.distance < CLOSE_AHEAD else 'far'}.")
+    for side in ("left", "right"):
+        names = ", ".join(o.name for o in vehicles_in_lane(scene, side)) or "free"
+        parts.append(f"{side.capitalize()} lane: {names}.")
+    parts.append(f"Crossing: {crossing.name if crossing else 'none'}. Sidewalk: {walking} pedestrians.")
+    parts.append(f"Plan: {plan_action(scene)[0].replace('_', ' ')}.")
+    return " ".join(parts)
+
+
 # ---------------------------------------------------------------- sampling
 
 

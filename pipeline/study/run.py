@@ -70,12 +70,14 @@ def _call(main, argv: list[str], handle) -> int:
     return 0
 
 
-def make_split(run: Runner, name: str, *, samples: int, seed: int) -> Path:
-    """Generated scenes (front camera) ingested into shards: OUT/shards/NAME."""
+def make_split(run: Runner, name: str, *, samples: int, seed: int, captions: int = 0) -> Path:
+    """Generated scenes (front camera) ingested into shards: OUT/shards/NAME (plus `captions` scene
+    descriptions, the teacher's dense supervision)."""
     shards = run.out / "shards" / name
     if not (shards / "manifest.json").is_file():
         raw = run.out / "data" / name
-        run(f"data-{name}", "pipeline.demo_data", "--out", raw, "--samples", samples, "--seed", seed, "--views", "1")
+        run(f"data-{name}", "pipeline.demo_data", "--out", raw, "--samples", samples, "--seed", seed, "--views", "1",
+            "--captions", captions)
         run(f"ingest-{name}", "pipeline.ingest", "--qa", raw / "qa.json", "--image-root", raw, "--out", shards,
             "--shard-size", SHARD_SIZE)
     return shards
@@ -130,7 +132,8 @@ def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | No
     run = Runner(out)
     held_out = make_split(run, "eval", samples=budget.eval_samples, seed=EVAL_DATA_SEED)
     if teacher is None:
-        teacher_data = make_split(run, "teacher", samples=budget.teacher_samples, seed=TEACHER_DATA_SEED)
+        teacher_data = make_split(run, "teacher", samples=budget.teacher_samples, seed=TEACHER_DATA_SEED,
+                                  captions=budget.teacher_captions)
         teacher = train(run, "teacher", model=make_model(run, "teacher", seed=0), data=teacher_data,
                         config=budget.teacher_config, steps=budget.teacher_steps, seed=0, flags=["--sft"])
     files: dict = {"teacher": evaluate(run, "teacher", model=teacher, data=held_out), "rows": {r: {} for r in ROWS}}
