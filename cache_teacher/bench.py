@@ -254,14 +254,57 @@ def real_map_figures(per_text: list[np.ndarray]) -> dict:
 
 
 # ---------------------------------------------------------------------------- the encode stage per sample
+def _decode_from_memory(quantised: dict, blobs: list[bytes], repeats: int) -> tuple[list[float], list]:
+    """Core-seconds of ``decode_blobs`` over one sample's blobs held in memory, ``repeats`` times, and the
+    decoded CodeBlocks of the last time."""
+    seconds = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        decoded, at = [], 0
+        for q in quantised.values():
+            mine = blobs[at:at + q.block_rows.size]
+            at += q.block_rows.size
+            offsets = np.concatenate([[0], np.cumsum([len(b) for b in mine])])
+            decoded.append(decode_blobs(b"".join(mine), offsets, q.row_lengths,
+                                        np.concatenate([[0], np.cumsum(q.block_rows)])))
+        seconds.append(time.process_time() - c0)
+    return seconds, decoded
+
+
+def _read_from_store(codec, quantised: dict, blobs: list[bytes], repeats: int) -> list[float]:
+    """Core-seconds of the trainer reader's per-sample path, ``repeats`` times: ``read_codes`` of every
+    signal from a local Zarr store as the cache writer leaves it (crc32c checked), each stored part opened
+    once before (``open_part``: the reader keeps it for the part's samples)."""
+    import zarr
+
+    seconds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root, at = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3), 0
+        for name, q in quantised.items():
+            codec.write_blobs(root.create_group(name), "part-0000", blobs[at:at + q.block_rows.size], q.row_lengths,
+                              q.block_rows)
+            at += q.block_rows.size
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="r")
+        parts = {name: codec.open_part(root[name], "part-0000") for name in quantised}
+        for _ in range(repeats):
+            c0 = time.process_time()
+            for name, q in quantised.items():
+                codec.read_codes(None, "part-0000", start=0, stop=q.size, row_lengths=q.row_lengths, part=parts[name])
+            seconds.append(time.process_time() - c0)
+    return seconds
+
+
 def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: int = 6, threads: int = 4,
-                         sink: bool = False, entropy: str = "context") -> dict:
+                         sink: bool = False, entropy: str = "context", repeats: int = 5) -> dict:
     """quant2's encode stage for one cache sample at real shape on ``device`` (a torch device or name).
 
     The sample: ``n_maps`` packed causal maps of S = ``size`` (mid; synthetic calibration maps with
     ``views`` 256-token image spans, 4 distinct ones repeated) and two text-to-vision blocks. Measured:
     device quantisation (the step search, codes to the host), the host entropy stage (core-seconds: process
-    CPU time of all threads; wall time with ``threads`` threads), host entropy decode (core-seconds) and
+    CPU time of all threads; wall time with ``threads`` threads), host entropy decode (core-seconds of
+    ``decode_blobs`` on the blobs in memory, and of the reader's path from a local Zarr store, checksums
+    included; each ``repeats`` times: the first time, and the median, since a call whose output lands on
+    pages the kernel has to provide afresh pays for them in system time) and
     dequantisation on ``device`` (with ``entropy="zstd"``: putting column-ordered codes back in row order
     too), bytes per sample; beside them the 8B teacher's forward time of that
     sample estimated from its FLOPs at 40% of an H100's 989 dense bf16 TFLOP/s.
@@ -284,15 +327,8 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
     with ThreadPoolExecutor(threads) as pool:
         blobs = list(pool.map(lambda job: codec.encode(*job), jobs))
     encode_wall, encode_core = time.perf_counter() - t0, time.process_time() - c0
-    c0 = time.process_time()
-    decoded, at = [], 0
-    for q in quantised.values():
-        mine = blobs[at:at + q.block_rows.size]
-        at += q.block_rows.size
-        offsets = np.concatenate([[0], np.cumsum([len(b) for b in mine])])
-        decoded.append(decode_blobs(b"".join(mine), offsets, q.row_lengths,
-                                    np.concatenate([[0], np.cumsum(q.block_rows)])))
-    decode_core = time.process_time() - c0
+    decode_core, decoded = _decode_from_memory(quantised, blobs, repeats)
+    read_core = _read_from_store(codec, quantised, blobs, repeats)
     sync()
     t0 = time.perf_counter()
     for d in decoded:
@@ -311,10 +347,14 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
             "codes_bytes_to_host": sum(q.codes.nbytes for q in quantised.values()),
             "bytes_stored": sum(len(b) for b in blobs), "device_quantise_s": device_s,
             "device_quantise_host_core_s": device_core_s, "host_encode_core_s": encode_core,
-            "host_encode_wall_s": encode_wall, "encode_threads": threads, "host_decode_core_s": decode_core,
+            "host_encode_wall_s": encode_wall, "encode_threads": threads, "host_decode_core_s": decode_core[0],
+            "host_decode_core_s_median": statistics.median(decode_core), "host_decode_core_s_repeats": decode_core,
+            "host_read_core_s_median": statistics.median(read_core), "host_read_core_s_repeats": read_core,
             "device_dequantise_s": time.perf_counter() - t0,
             "teacher_forward_s_estimate_8b_h100_40pct": teacher_s,
-            "targets": {"host_encode_core_s<=1.2": encode_core <= 1.2, "host_decode_core_s<=0.1": decode_core <= 0.1}}
+            "targets": {"host_encode_core_s<=1.2": encode_core <= 1.2, "host_decode_core_s<=0.1": decode_core[0] <= 0.1,
+                        "host_decode_core_s_median<=0.1": statistics.median(decode_core) <= 0.1,
+                        "host_read_core_s_median<=0.1": statistics.median(read_core) <= 0.1}}
 
 
 def estimate_teacher_memory(config, *, views: int, batch_sizes: list[int], fake: bool = True) -> dict:

@@ -69,6 +69,8 @@ def test_encode_stage_figures_on_the_cpu():
     assert figures["codes_bytes_to_host"] <= 2 * figures["entries"]  # 1-2 bytes per entry cross to the host
     assert 0 < figures["bytes_stored"] < figures["codes_bytes_to_host"] / 3
     assert figures["host_encode_core_s"] > 0 and figures["host_decode_core_s"] > 0
+    assert len(figures["host_decode_core_s_repeats"]) == len(figures["host_read_core_s_repeats"]) == 5
+    assert figures["host_read_core_s_median"] > 0 and "host_read_core_s_median<=0.1" in figures["targets"]
     assert figures["teacher_forward_s_estimate_8b_h100_40pct"] > 0.005  # (2 x 7B x 160 + one tile) FLOPs at 400 TFLOP/s
 
 

@@ -171,6 +171,9 @@ def test_writer_thread_pool_device_codes_and_trainer_targets(tmp_path, maps, mon
             samples[f"s{i}"] = (tv, mid)
         writer.commit()
     assert CACHE_VERSION == 2
+    opened = []
+    open_part = type(codec).open_part
+    monkeypatch.setattr(type(codec), "open_part", lambda self, group, name: opened.append(name) or open_part(self, group, name))
     cache = open_cache(root)
     for key, (tv, mid) in samples.items():
         sample = cache[key]
@@ -182,6 +185,7 @@ def test_writer_thread_pool_device_codes_and_trainer_targets(tmp_path, maps, mon
         dense = target.to("cpu", non_blocking=True)
         torch.testing.assert_close(dense, group_mean(torch.from_numpy(sample.mid_packed()), 1), rtol=0, atol=0)
         np.testing.assert_array_equal(sample.target("first_tv").to("cpu").numpy(), sample.first_tv)
+    assert len(opened) == len(cache._parts) < 2 * len(samples)  # each stored part's offsets read once
     joiner = SampleJoiner(student="unused", tiling=None, caches={}, k=1, grouped=False)
     reasoning = joiner._target(cache["s0"], "reasoning")  # the trainer's targets: codes, dequantised on .to()
     torch.testing.assert_close(reasoning.to("cpu"), group_mean(torch.from_numpy(cache["s0"].mid_packed()), 1))

@@ -86,6 +86,20 @@ class Quantised:
         return self.codes.size
 
 
+@dataclass(frozen=True)
+class Part:
+    """One stored array of quant2, opened (``ContextQuantCodec.open_part``): its path and attributes, the
+    ``blob`` array (a read takes one slice) and the block offsets, read once: byte offset, first row and
+    first element of each block (int64 [n_blocks + 1])."""
+
+    path: str
+    attrs: dict
+    blob: zarr.Array
+    blob_offset: np.ndarray
+    block_row: np.ndarray
+    block_elem: np.ndarray
+
+
 def _row_starts(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
 
@@ -261,29 +275,38 @@ class ContextQuantCodec:
         create_array(node, "block_row", block_row, 5)
         create_array(node, "block_elem", block_elem, 5)
 
-    def read_codes(self, group: zarr.Group, name: str, *, start: int, stop: int, row_start: int = 0,
-                   row_lengths=None) -> CodeBlocks:
-        """The codes of the whole blocks covering elements [start, stop) (rows from ``row_start``)."""
+    def open_part(self, group: zarr.Group, name: str) -> Part:
+        """The stored array ``name`` of ``group``, its block offsets read (once per part: a reader keeps it
+        for every sample of the part, so that a read costs one slice of ``blob``)."""
         node = group[name]
         block_elem = node["block_elem"][:]
-        check_range(node, self.describe(), int(block_elem[-1]), start, stop)
+        check_range(node, self.describe(), int(block_elem[-1]), 0, 0)  # written with this codec
+        return Part(node.path, dict(node.attrs), node["blob"], node["blob_offset"][:], node["block_row"][:],
+                    block_elem)
+
+    def read_codes(self, group: zarr.Group | None, name: str, *, start: int, stop: int, row_start: int = 0,
+                   row_lengths=None, part: Part | None = None) -> CodeBlocks:
+        """The codes of the whole blocks covering elements [start, stop) (rows from ``row_start``) of
+        ``group[name]``, or of ``part`` (``open_part``) when given."""
+        part = self.open_part(group, name) if part is None else part
+        check_range(part, self.describe(), int(part.block_elem[-1]), start, stop)
         if row_lengths is None:
             raise ValueError("quant2 reads whole blocks: pass row_start and the row_lengths of [start, stop)")
         lengths = np.asarray(row_lengths, dtype=np.int64)
-        block_row = node["block_row"][:]
+        block_row, block_elem = part.block_row, part.block_elem
         b0, b1 = np.searchsorted(block_row, [row_start, row_start + lengths.size])
         if (b1 >= block_row.size or block_row[b0] != row_start or block_row[b1] != row_start + lengths.size
                 or block_elem[b0] != start or block_elem[b1] != stop or lengths.sum() != stop - start):
             raise ValueError(f"elements [{start}, {stop}) in rows [{row_start}, {row_start + lengths.size}) are not "
-                             f"whole stored blocks at '{node.path}'; quant2 reads a sample's blocks as written")
-        offsets = node["blob_offset"][b0:b1 + 1]
-        data = node["blob"][int(offsets[0]):int(offsets[-1])].tobytes()
+                             f"whole stored blocks at '{part.path}'; quant2 reads a sample's blocks as written")
+        offsets = part.blob_offset[b0:b1 + 1]
+        data = part.blob[int(offsets[0]):int(offsets[-1])]  # uint8, checksums checked; decoded without a copy
         return decode_blobs(data, offsets - offsets[0], lengths, block_row[b0:b1 + 1] - row_start)
 
-    def read(self, group: zarr.Group, name: str, *, start: int, stop: int, row_start: int = 0,
-             row_lengths=None) -> np.ndarray:
-        return self.read_codes(group, name, start=start, stop=stop, row_start=row_start,
-                               row_lengths=row_lengths).numpy()
+    def read(self, group: zarr.Group | None, name: str, *, start: int, stop: int, row_start: int = 0,
+             row_lengths=None, part: Part | None = None) -> np.ndarray:
+        return self.read_codes(group, name, start=start, stop=stop, row_start=row_start, row_lengths=row_lengths,
+                               part=part).numpy()
 
 
 # ---------------------------------------------------------------------------- the zstd stage
@@ -376,9 +399,9 @@ def frame_content_size(frame) -> int | None:
     return value + 256 if width == 2 else value
 
 
-def _zstd_decode(stream: bytes, flags: int, size: int, out: np.ndarray) -> np.ndarray:
+def _zstd_decode(stream, flags: int, size: int, out: np.ndarray) -> np.ndarray:
     """Fill ``out`` (uint8, contiguous: the block's codes in stored order, ESCAPE where escaped) from one
-    stream of ``_zstd_encode``, zstd writing straight into it; returns the escaped codes (int32, in order)."""
+    stream (bytes-like) of ``_zstd_encode``, zstd writing straight into it; returns the escaped codes (int32, in order)."""
     (n,) = _FRAME.unpack_from(stream)
     frame = memoryview(stream)[_FRAME.size:_FRAME.size + n]
     decoder = _zstd(1)  # the level does not matter to the decoder
@@ -469,10 +492,12 @@ def _wire(codes: np.ndarray) -> tuple[torch.Tensor, bool]:
     return torch.from_numpy(codes.astype(np.uint8)), False
 
 
-def decode_blobs(data: bytes, offsets: np.ndarray, lengths: np.ndarray, block_row: np.ndarray) -> CodeBlocks:
-    """Decode consecutive blobs (byte ``offsets`` into ``data``) of blocks with rows ``lengths``
-    (``block_row``: each block's first row, relative). Blobs of the zstd stage stay on the host as they
-    are stored (one byte per code, column order, escapes apart): the device finishes them (``dequantise``)."""
+def decode_blobs(data, offsets: np.ndarray, lengths: np.ndarray, block_row: np.ndarray) -> CodeBlocks:
+    """Decode consecutive blobs (byte ``offsets`` into ``data``: bytes or a uint8 array, read in place) of
+    blocks with rows ``lengths`` (``block_row``: each block's first row, relative). Blobs of the zstd stage
+    stay on the host as they are stored (one byte per code, column order, escapes apart): the device
+    finishes them (``dequantise``)."""
+    data = memoryview(data)
     starts = _row_starts(lengths)
     headers = [_HEADER.unpack_from(data, int(offsets[b])) for b in range(offsets.size - 1)]
     zstd_only = all(flags & _ZSTD for _, flags, _ in headers)

@@ -10,9 +10,10 @@ The trainer takes ``sample.target(signal)``: a float32 tensor, or with codec ``q
 ``DeviceTarget`` whose ``.to(device)`` moves the codes (1-2 bytes per entry) and dequantises there.
 
 Only committed shards are visible. Opening checks every committed shard (chunk counts and index
-digest against its commit marker, ``pipeline/cache/format.py``); reads check chunk checksums. Any
-damage raises CacheIntegrityError naming the cache, shard, signal and sample. Zarr groups are opened
-lazily, so a reader pickles cheaply into DataLoader workers.
+digest against its commit marker, ``pipeline/cache/format.py``); reads check chunk checksums (quant2
+reads a stored part's block offsets once and keeps them for its other samples). Any damage raises
+CacheIntegrityError naming the cache, shard, signal and sample. Zarr groups are opened lazily, so a
+reader pickles cheaply into DataLoader workers.
 """
 
 from __future__ import annotations
@@ -148,11 +149,12 @@ class TeacherCache:
         self.manifest = CacheManifest.from_json(json.loads(self.fs.cat_file(manifest_path)), source=manifest_path)
         self.codec = codec_from_description(self.manifest.codec)
         self._groups: dict[int, zarr.Group] = {}
+        self._parts: dict[tuple, object] = {}  # (shard, signal, part) -> the codec's opened part (quant2)
         self.index = self._read_index()  # verified here, in the opening process, not in DataLoader workers
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_groups"] = {}
+        state["_groups"], state["_parts"] = {}, {}
         return state
 
     def _read_index(self) -> dict[str, dict]:
@@ -200,16 +202,25 @@ class TeacherCache:
             self._groups[shard] = open_shard_group(self.root, shard)
         return self._groups[shard]
 
+    def _part(self, shard: int, signal: str, name: str):
+        if (shard, signal, name) not in self._parts:
+            self._parts[shard, signal, name] = self.codec.open_part(self._group(shard)[signal], name)
+        return self._parts[shard, signal, name]
+
     def read_block(self, row: dict, signal: str, *, codes: bool = False):
         """One sample's block of ``signal`` (float32 numpy, or with ``codes`` the codec's CodeBlocks);
         CacheIntegrityError (cache, shard, signal, key) if it does not decode."""
         shape = tuple(row[f"{signal}_shape"])
         start = row[f"{signal}_offset"]
         try:
-            node = self._group(row["shard"])[signal]
+            name = part_name(row[f"{signal}_part"])
             read = self.codec.read_codes if codes else self.codec.read
-            values = read(node, part_name(row[f"{signal}_part"]), start=start, stop=start + row[f"{signal}_count"],
-                          row_start=row[f"{signal}_row_offset"], row_lengths=row_lengths_for(signal, shape))
+            span = {"start": start, "stop": start + row[f"{signal}_count"], "row_start": row[f"{signal}_row_offset"],
+                    "row_lengths": row_lengths_for(signal, shape)}
+            if hasattr(self.codec, "open_part"):  # quant2: its block offsets are read once per part, not per sample
+                values = read(None, name, part=self._part(row["shard"], signal, name), **span)
+            else:
+                values = read(self._group(row["shard"])[signal], name, **span)
         except Exception as err:  # checksum, blosc, missing file: all mean a damaged shard
             raise CacheIntegrityError(f"cache {self.root}, shard {row['shard']}, signal {signal}, sample "
                                       f"{row['key']}: the stored block does not decode ({type(err).__name__}: "
