@@ -30,6 +30,7 @@ EVAL_SAMPLES ?= 60
 # recipe train_student/configs/demo-teacher.yaml) and committed under DEMO_TEACHER; make demo copies it.
 DEMO_TEACHER ?= benchmarks/demo-teacher
 TEACHER_SAMPLES ?= 4000
+TEACHER_CAPTIONS ?= 0
 TEACHER_SEED ?= 100
 TEACHER_EVAL_SAMPLES ?= 300
 EVAL_ARGS ?= --max-new-tokens 32 --batch-size 16
@@ -93,9 +94,10 @@ TEACHER_WORK = $(RUNS)/demo-teacher-work
 TEACHER_TRAIN = $(PY) -m train_student --sft --student $(TEACHER_WORK)/init --data $(TEACHER_WORK)/shards \
 	--out $(TEACHER_WORK)/run --config $(DEMO_CONFIGS)/demo-teacher.yaml --set run.progress=false
 
-demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES scenes, seed TEACHER_SEED) into DEMO_TEACHER with its recipe, time and held-out scores
+demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES QA scenes + TEACHER_CAPTIONS scene descriptions, seed TEACHER_SEED) into DEMO_TEACHER with its recipe, time and held-out scores
 	rm -rf $(TEACHER_WORK)
-	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/data --samples $(TEACHER_SAMPLES) --seed $(TEACHER_SEED) --views 1
+	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/data --samples $(TEACHER_SAMPLES) --seed $(TEACHER_SEED) --views 1 \
+		--captions $(TEACHER_CAPTIONS)
 	$(PY) -m pipeline.ingest --qa $(TEACHER_WORK)/data/qa.json --image-root $(TEACHER_WORK)/data \
 		--out $(TEACHER_WORK)/shards --shard-size 100
 	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/eval-data --samples $(TEACHER_EVAL_SAMPLES) --seed 1 --views 1
@@ -110,8 +112,8 @@ demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES scenes, seed TEACH
 	$(PY) -m pipeline.evaluate --model $(DEMO_TEACHER) --data $(TEACHER_WORK)/eval-shards --out $(DEMO_TEACHER)/eval \
 		--name demo-teacher $(EVAL_ARGS)
 	rm $(DEMO_TEACHER)/eval/predictions.jsonl
-	printf '%s\n' "# The demo teacher (make demo-teacher)" "" "command: make demo-teacher TEACHER_SAMPLES=$(TEACHER_SAMPLES) TEACHER_SEED=$(TEACHER_SEED)" \
-		"data: $(TEACHER_SAMPLES) generated scenes (python -m pipeline.demo_data --seed $(TEACHER_SEED) --views 1)" \
+	printf '%s\n' "# The demo teacher (make demo-teacher)" "" "command: make demo-teacher TEACHER_SAMPLES=$(TEACHER_SAMPLES) TEACHER_CAPTIONS=$(TEACHER_CAPTIONS) TEACHER_SEED=$(TEACHER_SEED)" \
+		"data: $(TEACHER_SAMPLES) generated QA scenes + $(TEACHER_CAPTIONS) scene descriptions (python -m pipeline.demo_data --seed $(TEACHER_SEED) --views 1 --captions $(TEACHER_CAPTIONS))" \
 		"training: $(TEACHER_TRAIN)" "seed: see train_config.yaml (run.seed); recipe $(DEMO_CONFIGS)/demo-teacher.yaml" \
 		"training time: $$(cat $(TEACHER_WORK)/train_seconds) s on $$(nproc --all) CPUs ($$(uname -m)), OMP_NUM_THREADS=$${OMP_NUM_THREADS:-unset}" \
 		"held-out scores (seed 1, $(TEACHER_EVAL_SAMPLES) questions): eval/scores.md" > $(DEMO_TEACHER)/README.md
