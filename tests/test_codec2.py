@@ -279,3 +279,81 @@ def test_a_read_mixing_both_entropy_stages_is_refused():
     offsets = np.array([0, len(blobs[0]), len(blobs[0]) + len(blobs[1])])
     with pytest.raises(ValueError, match="both entropy stages"):
         decode_blobs(b"".join(blobs), offsets, np.array([10, 10]), np.array([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------- the rans entropy stage
+def _rans_round_trip(codes, lengths, has_left):
+    from pipeline.cache import rans
+
+    stream = rans.encode(codes, np.asarray(lengths), has_left=has_left)
+    out = np.zeros(codes.size, np.uint8)
+    escapes = rans.decode(stream, np.asarray(lengths), has_left=has_left, out=out)
+    decoded = out.astype(np.int64)
+    decoded[out == 255] = escapes
+    return decoded, stream
+
+
+@pytest.mark.parametrize("case", ["sparse", "dense", "wide", "zero", "one-entry", "single", "rect", "rows"])
+def test_rans_coder_is_lossless(case):
+    rng = np.random.default_rng(11)
+    size = 70
+    lengths, has_left = np.arange(size, 0, -1), True  # a triangle's columns
+    n = int(lengths.sum())
+    if case == "sparse":  # runs, MATCHes (rows persisting across columns) and codes up to 300
+        codes = np.where(rng.random(n) < 0.1, rng.integers(1, 300, n), 0)
+    elif case == "dense":
+        codes = rng.integers(0, 20, n)
+    elif case == "wide":  # codes above 255 and 65535 (escapes, long raw bits)
+        codes = np.where(rng.random(n) < 0.3, rng.integers(1, 1 << 20, n), 0)
+    elif case == "zero":
+        codes = np.zeros(n, np.int64)
+    elif case == "one-entry":  # columns of one code each
+        lengths = np.ones(50, np.int64)
+        codes = rng.integers(0, 3, 50)
+    elif case == "single":  # a one-row triangle
+        lengths, codes = np.array([1]), np.array([7])
+    elif case == "rect":  # bottom-aligned equal columns, long zero runs
+        lengths = np.full(9, 200)
+        codes = np.zeros(1800, np.int64)
+        codes[rng.integers(0, 1800, 40)] = rng.integers(1, 1000, 40)
+    else:  # one column in row order, no left neighbour
+        lengths, has_left = np.array([5000]), False
+        codes = np.where(rng.random(5000) < 0.02, rng.integers(1, 40, 5000), 0)
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if codes.max(initial=0) <= np.iinfo(dtype).max:
+            decoded, _ = _rans_round_trip(codes.astype(dtype), lengths, has_left)
+            np.testing.assert_array_equal(decoded, codes)
+
+
+def test_rans_coder_refuses_damaged_streams():
+    from pipeline.cache import rans
+
+    rng = np.random.default_rng(5)
+    lengths = np.arange(40, 0, -1)
+    codes = np.where(rng.random(820) < 0.2, rng.integers(1, 30, 820), 0).astype(np.uint8)
+    _, stream = _rans_round_trip(codes, lengths, True)
+    for bad in (stream[:-3], stream[:10], stream[:16] + bytes(len(stream) - 16)):
+        with pytest.raises(ValueError, match="rans stream"):
+            rans.decode(bad, lengths, has_left=True, out=np.zeros(820, np.uint8))
+
+
+@pytest.mark.parametrize("params", [{}, {"sink": True}, {"rel_error": 0.0001}])
+def test_rans_stage_reads_the_context_stages_codes(maps, params):
+    from pipeline.cache.codec2 import RECT_COLUMNS, TRIANGLE_COLUMNS
+
+    values, lengths, rows = _triangles(maps)
+    values = values.copy()
+    values[np.cumsum(np.concatenate([[0], lengths[:-1]]))] += 5.0  # a sink: codes above 255 (escapes)
+    rect = np.random.default_rng(2).random((6, 11)).astype(np.float32) ** 8
+    for vals, lens, blocks, kind in ((values, lengths, rows, TRIANGLE_COLUMNS),
+                                     (rect.ravel(), np.full(6, 11), [6], RECT_COLUMNS)):
+        decoded = {}
+        for stage in ("context", "rans"):
+            group = zarr.open_group(zarr.storage.MemoryStore({}), mode="w", zarr_format=3)
+            codec = get_codec("quant2", entropy=stage, **params)
+            codec.write(group, "x", vals, row_lengths=lens, block_rows=blocks)
+            got = codec.read_codes(group, "x", start=0, stop=vals.size, row_lengths=lens)
+            decoded[stage] = got.numpy()
+            if stage == "rans":
+                assert [k for k, _, _ in got.layouts] == [kind] * len(blocks) and got.codes.dtype == torch.uint8
+        np.testing.assert_array_equal(decoded["rans"], decoded["context"])  # same codes, other entropy stage

@@ -1,6 +1,8 @@
 """Codec ``quant2`` (codec format version 2): bounded per-map uniform quantisation, then an entropy stage
-per map (one variable-length blob each): a 2-D context model (``entropy="context"``, the smallest) or
-zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode).
+per map (one variable-length blob each): a 2-D context model (``entropy="context"``, the smallest),
+zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode), or a
+static context model with rANS over the same column order (``entropy="rans"``, near the context
+stage's size at a fraction of its decode time).
 
 Quantisation (``quantise``, torch, on whatever device holds the maps): one step per block (map),
 searched with a few batched reductions (no host sync until the codes are ready) and verified: the
@@ -21,9 +23,13 @@ Entropy stages:
   codes >= 255, one zstd frame; the escaped codes' values in a second frame. The host only runs zstd:
   the reader hands the column-ordered bytes to the device, which puts the escapes back, restores row
   order and dequantises (``CodeBlocks.layouts``, ``CodeBlocks.escapes``).
+- ``rans`` (``pipeline.cache.rans``): the same column order, each column as zero runs (most often "as
+  many zeros as the column to the left has here") and non-zero codes, context-modelled with static
+  per-map frequency tables and rANS: near the context stage's size, decoding costs per non-zero code
+  instead of per entry, and yields the zstd stage's form (bytes with escapes) for the device to finish.
 
 Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle, 4 = zstd stage,
-8 / 16 = escaped codes as uint16 / uint32, 32 = column order; byte length of the exact first column, blosc-zstd
+8 / 16 = escaped codes as uint16 / uint32, 32 = column order, 64 = rans stage; byte length of the exact first column, blosc-zstd
 float32, 0 without sink), that column, then the coded stream.
 Layout: group ``name`` (attrs {"codec": describe()}) holding ``blob`` (uint8, crc32c chunks, no further
 compression), ``blob_offset``, ``block_row`` and ``block_elem`` (int64 [n_blocks + 1]: byte, row and
@@ -48,13 +54,14 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache import entropy
+from pipeline.cache import entropy, rans
 from pipeline.cache.codec_base import as_rows, as_values, check_range, create_array, describe_codec
 from pipeline.cache.format import block_rows_for, row_lengths_for
 
 _HEADER = struct.Struct("<fBI")
-_SINK, _TRIANGLE, _ZSTD, _WIDE2, _WIDE4, _COLUMNS = 1, 2, 4, 8, 16, 32
-ENTROPY_STAGES = ("context", "zstd")
+_SINK, _TRIANGLE, _ZSTD, _WIDE2, _WIDE4, _COLUMNS, _RANS = 1, 2, 4, 8, 16, 32, 64
+ENTROPY_STAGES = ("context", "zstd", "rans")
+COLUMN_STAGES = ("zstd", "rans")  # their codes reach the host in column order; the device restores rows
 # a block's layout in CodeBlocks.layouts: its codes in row order, or in column order of a packed triangle
 # (rows 1..S) or of a rectangle (rows x cols)
 ROWS, TRIANGLE_COLUMNS, RECT_COLUMNS = 0, 1, 2
@@ -177,7 +184,8 @@ class ContextQuantCodec:
             raise ValueError(f"sink must be true or false (store entry 0 of every row exactly), got {self.sink!r}")
         if self.entropy not in ENTROPY_STAGES:
             raise ValueError(f"entropy must be one of {', '.join(ENTROPY_STAGES)} (context: smallest; zstd: "
-                             f"decodes ~30x faster), got {self.entropy!r}")
+                             f"decodes ~30x faster; rans: near context's size, decodes ~4x faster), "
+                             f"got {self.entropy!r}")
         if not (isinstance(self.zstd_level, int) and not isinstance(self.zstd_level, bool)
                 and 1 <= self.zstd_level <= 22):
             raise ValueError(f"zstd_level must be an integer in [1, 22] (higher: smaller, slower to encode; "
@@ -213,7 +221,7 @@ class ContextQuantCodec:
             if self.sink:
                 index = torch.as_tensor(_row_starts(rows)[rows > 0], device=x.device)
             c, s, f = _quantise_batch(x, index, self.rel_error)
-            if self.entropy == "zstd":  # the zstd stage's column order, a gather on the device
+            if self.entropy in COLUMN_STAGES:  # column order, a gather on the device
                 c = _to_columns(c, rows)
             codes.append(c.reshape(-1))
             steps.append(s)
@@ -228,7 +236,7 @@ class ContextQuantCodec:
                          steps=(torch.cat(steps).cpu().numpy() if steps else np.zeros(0, np.float32)),
                          first=(torch.cat(firsts).cpu().numpy() if self.sink and firsts else
                                 (np.zeros(0, np.float32) if self.sink else None)),
-                         columns=self.entropy == "zstd")
+                         columns=self.entropy in COLUMN_STAGES)
 
     def quantise_signal(self, signal: str, block) -> Quantised:
         """``quantise`` of one sample's stored block of ``signal`` (torch on any device, or numpy), its row
@@ -249,6 +257,9 @@ class ContextQuantCodec:
         if self.entropy == "zstd":
             stream, stage_flags = _zstd_encode(codes, lengths, triangle, self.zstd_level, quantised.columns)
             flags |= _ZSTD | stage_flags
+        elif self.entropy == "rans":
+            stream, stage_flags = _rans_encode(codes, lengths, triangle, quantised.columns)
+            flags |= _RANS | stage_flags
         else:
             stream = entropy.encode_block(codes, _row_starts(lengths), lengths, skip_first=self.sink,
                                           triangle=triangle)
@@ -383,6 +394,26 @@ def _zstd_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, level: 
     return _FRAME.pack(len(frame)) + frame + rest, flags
 
 
+def _rans_columns(lengths: np.ndarray, triangle: bool | None = None) -> tuple[np.ndarray, bool, int]:
+    """(column lengths, has_left, flags) of a block in the rans stage: a triangle's columns hold S..1
+    codes, a rectangle's ``rows`` each; other row structures are one column in row order."""
+    kind, rows, cols = _layout(lengths, triangle)
+    if kind == TRIANGLE_COLUMNS:
+        return np.arange(rows, 0, -1, dtype=np.int64), True, _COLUMNS
+    if kind == RECT_COLUMNS:
+        return np.full(cols, rows, dtype=np.int64), True, _COLUMNS
+    return np.array([int(lengths.sum())], dtype=np.int64), False, 0
+
+
+def _rans_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, in_columns: bool) -> tuple[bytes, int]:
+    """One block's codes in column order (``in_columns``: they already are) through ``pipeline.cache.rans``;
+    returns (stream, flags)."""
+    columns, has_left, flags = _rans_columns(lengths, triangle)
+    if not in_columns and flags:
+        codes = _to_columns(torch.from_numpy(codes.reshape(1, -1)), lengths).numpy().reshape(-1)
+    return rans.encode(np.ascontiguousarray(codes), columns, has_left=has_left), flags
+
+
 def frame_content_size(frame) -> int | None:
     """The decompressed size a zstd frame's header declares (None: not declared or not a zstd frame);
     the zstd format (RFC 8878, section 3.1.1.1): magic, descriptor, window, dictionary id, content size."""
@@ -494,16 +525,17 @@ def _wire(codes: np.ndarray) -> tuple[torch.Tensor, bool]:
 
 def decode_blobs(data, offsets: np.ndarray, lengths: np.ndarray, block_row: np.ndarray) -> CodeBlocks:
     """Decode consecutive blobs (byte ``offsets`` into ``data``: bytes or a uint8 array, read in place) of
-    blocks with rows ``lengths`` (``block_row``: each block's first row, relative). Blobs of the zstd stage
-    stay on the host as they are stored (one byte per code, column order, escapes apart): the device
-    finishes them (``dequantise``)."""
+    blocks with rows ``lengths`` (``block_row``: each block's first row, relative). Blobs of the zstd and
+    rans stages stay on the host as they are stored (one byte per code, column order, escapes apart): the
+    device finishes them (``dequantise``)."""
     data = memoryview(data)
     starts = _row_starts(lengths)
     headers = [_HEADER.unpack_from(data, int(offsets[b])) for b in range(offsets.size - 1)]
-    zstd_only = all(flags & _ZSTD for _, flags, _ in headers)
-    if not zstd_only and any(flags & _ZSTD for _, flags, _ in headers):
-        raise ValueError("blobs of both entropy stages (context and zstd) in one read: an array is written by "
-                         "one codec; the blob flags are damaged (python -m cache_teacher.verify CACHE --deep)")
+    zstd_only = all(flags & (_ZSTD | _RANS) for _, flags, _ in headers)  # byte codes in stored order
+    if not zstd_only and any(flags & (_ZSTD | _RANS) for _, flags, _ in headers):
+        raise ValueError("blobs of both entropy stages (context, and zstd or rans) in one read: an array is "
+                         "written by one codec; the blob flags are damaged (python -m cache_teacher.verify CACHE "
+                         "--deep)")
     codes = np.zeros(int(lengths.sum()), dtype=np.uint8 if zstd_only else np.int32)
     steps, sizes, layouts, escapes = [], [], [], []
     first_index, first = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
@@ -519,7 +551,12 @@ def decode_blobs(data, offsets: np.ndarray, lengths: np.ndarray, block_row: np.n
         size = int(rows.sum())
         stream = data[at:int(offsets[b + 1])]
         layout = (ROWS, int(rows.size), 0)
-        if not flags & _ZSTD:
+        if flags & _RANS:
+            columns, has_left, _ = _rans_columns(rows, bool(flags & _TRIANGLE))
+            escapes.append(rans.decode(stream, columns, has_left=has_left, out=codes[elem:elem + size]))
+            if flags & _COLUMNS:
+                layout = _layout(rows, bool(flags & _TRIANGLE))
+        elif not flags & _ZSTD:
             entropy.decode_block(stream, _row_starts(rows), rows, skip_first=bool(flags & _SINK),
                                  triangle=bool(flags & _TRIANGLE), codes=codes[elem:elem + size])
         else:
