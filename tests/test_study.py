@@ -55,6 +55,28 @@ def test_study_table_and_plot(study):
     assert (study / "study.png").stat().st_size > 1000
 
 
+def test_study_summarises_the_gradient_ratios_its_runs_logged(study):
+    ratios = json.loads((study / "grad_ratios.json").read_text())
+    seed = f"seed-{SEEDS[0]}"
+    # sft and no-agp keep no gradient bank, so they log no ratios; every bank row does
+    assert set(ratios["runs"]) == {f"{seed}/{row}" for row in ROWS if row not in ("sft", "no-agp")}
+    for name, entry in ratios["runs"].items():
+        rows = [json.loads(line) for line in (study / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        first, last = rows[0]["grad_ratio_weighted"], rows[-1]["grad_ratio_weighted"]
+        assert set(entry["grad_ratio_weighted"]) == set(first), name
+        for term, figures in entry["grad_ratio_weighted"].items():
+            assert figures["step1"] == first[term] and figures["last"] == last[term], (name, term)
+        assert entry["final_ce"] == rows[-1]["losses"]["ce"]
+    assert ratios["runs"][f"{seed}/drive-kd"]["calibrated_lambdas"] == rows_calibration(study, f"{seed}/drive-kd")
+    assert "calibrated_lambdas" not in ratios["runs"][f"{seed}/drive-kd-reference"]
+    balanced = ratios["runs"][f"{seed}/drive-kd"]["grad_ratio_weighted"]
+    assert all(abs(figures["step1"] - 0.5) < 0.01 for figures in balanced.values())  # balanced: 0.5 of CE's
+
+
+def rows_calibration(study: Path, name: str) -> dict:
+    return json.loads((study / "runs" / name / "metrics.jsonl").read_text().splitlines()[0])["calibration"]["lambdas"]
+
+
 def test_study_rows_differ_only_by_their_flags(study):
     configs = {name: yaml.safe_load((study / "runs" / f"seed-{SEEDS[0]}" / name / "config.yaml").read_text())
                for name in ROWS}

@@ -1,4 +1,4 @@
-"""The study's outputs: study.json, study.md (the paper's Table 3 layout) and study.png.
+"""The study's outputs: study.json, study.md (the paper's Table 3 layout), study.png and grad_ratios.json.
 
 Every number is read from the scores.json files the evaluation wrote (pipeline.evaluation.scoring),
 and study.json names the file each per-seed number came from. Values are percent on the held-out split.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from pipeline.evaluation.scoring import AVERAGE_COLUMN, TABLE_COLUMNS, load_scores
@@ -102,8 +103,34 @@ def plot(study: dict, path: Path) -> None:
     plt.close(figure)
 
 
+RATIO_SOURCE = ("metrics.jsonl of every study run that logs gradient norms (the gradient-bank modes; sft and no-agp "
+                "log none): weighted gradient-norm ratio to CE per term at the first optimizer step, its median over "
+                "the run and at the last step; the last step's CE loss; the balanced runs' calibrated lambdas")
+
+
+def grad_ratio_summary(runs_dir: Path) -> dict:
+    """{"source", "runs": {"seed-S/ROW": {"grad_ratio_weighted": {term: {step1, median, last}}, "final_ce",
+    ["calibrated_lambdas"]}}} from the runs' metrics.jsonl (METHOD §9: is a term inert, does it dominate?)."""
+    runs = {}
+    for metrics in sorted(runs_dir.glob("*/*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        logged = [row["grad_ratio_weighted"] for row in rows if row.get("grad_ratio_weighted")]
+        if not logged:
+            continue
+        entry = {"grad_ratio_weighted": {term: {"step1": logged[0][term],
+                                                "median": statistics.median(r[term] for r in logged),
+                                                "last": logged[-1][term]} for term in logged[0]},
+                 "final_ce": rows[-1]["losses"]["ce"]}
+        if "calibration" in rows[0]:
+            entry["calibrated_lambdas"] = rows[0]["calibration"]["lambdas"]
+        runs[f"{metrics.parent.parent.name}/{metrics.parent.name}"] = entry
+    return {"source": RATIO_SOURCE, "runs": runs}
+
+
 def write_outputs(study: dict, out: Path) -> None:
-    """study.json, study.md and study.png into `out`."""
+    """study.json, study.md, study.png and grad_ratios.json (from OUT/runs) into `out`."""
     (out / "study.json").write_text(json.dumps(study, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "study.md").write_text(render_markdown(study), encoding="utf-8")
     plot(study, out / "study.png")
+    ratios = grad_ratio_summary(out / "runs")
+    (out / "grad_ratios.json").write_text(json.dumps(ratios, indent=1) + "\n", encoding="utf-8")
