@@ -34,6 +34,8 @@ import struct
 import numpy as np
 from numba import njit
 
+from pipeline.cache.entropy import _log2
+
 _SCALE = 11
 _M = 1 << _SCALE
 _L = 1 << 16  # rANS state in [_L, _L << 16)
@@ -45,15 +47,6 @@ _RUN_CTX = _NDL * _NUP
 N_CONTEXTS = _RUN_CTX + _NV * _NV
 ESCAPE = 255
 _HEAD = struct.Struct("<IIII")
-
-
-@njit(cache=True, inline="always")
-def _log2(v):
-    n = 0
-    while v > 1:
-        v >>= 1
-        n += 1
-    return n
 
 
 @njit(cache=True, inline="always")
