@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.data.demo import MAX_IMAGE_SIZE, SIX_VIEW_SHARE, VIEW_CHOICES, _check_arguments, generate
+from pipeline.data.demo import MAX_IMAGE_SIZE, SIX_VIEW_SHARE, VIEW_CHOICES, _check_arguments, _check_int, generate
 from pipeline.data.scenes import MIN_IMAGE_SIZE
 
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         _check_arguments(args.samples, args.seed, args.image_size, args.views)
-        if args.captions < 0:
-            raise ValueError(f"captions must be >= 0, got {args.captions}")
+        _check_int("captions", args.captions, 0)
     except ValueError as error:
         parser.error(str(error))
     records = generate(args.out, samples=args.samples, seed=args.seed, image_size=args.image_size, views=args.views,

@@ -273,4 +273,4 @@ def test_cli_adds_captions(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path), "--samples", "3", "--captions", "-1"])
     assert exit_info.value.code == 2
-    assert "captions must be >= 0" in capsys.readouterr().err
+    assert "captions must be in [0, inf], got -1" in capsys.readouterr().err

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Train the tiny teacher once on a large generated split, then for each seed train every "
                     f"student row ({', '.join(ROWS)}) on a smaller split with the same steps, evaluate all on "
                     "one held-out split and write OUT/study.json, study.md (Table 3 layout, mean ± std over "
-                    "seeds), study.png and grad_ratios.json (each run's weighted gradient-norm ratios to CE). Stages run as subprocesses of the project's commands; finished "
-                    "stages are reused when OUT is run again.",
+                    "seeds), study.png and grad_ratios.json (each run's weighted gradient-norm ratios to CE). "
+                    "Stages run as subprocesses of the project's commands; finished stages are reused when OUT "
+                    "is run again.",
         epilog="example: python -m pipeline.study --out reports/study --seeds 3 --budget full")
     parser.add_argument("--out", default="reports/study", help="output folder (default reports/study)")
     parser.add_argument("--seeds", type=_positive, default=1, help="number of seeds (default 1)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
               "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"}
     study = build_study(files, config)
     write_outputs(study, out)
-    print(f"study: wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'} and {out / 'grad_ratios.json'}")
+    print(f"study: wrote study.json, study.md, study.png and grad_ratios.json to {out}")
 
 
 if __name__ == "__main__":
