@@ -373,6 +373,14 @@ def _to_columns(codes: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
     return codes
 
 
+def _host_columns(codes: np.ndarray, lengths: np.ndarray, in_columns: bool) -> np.ndarray:
+    """One block's host codes in column order (``_to_columns``), unless ``in_columns`` says they already are
+    (the cache worker reorders them on the teacher's device)."""
+    if in_columns:
+        return codes
+    return _to_columns(torch.from_numpy(codes.reshape(1, -1)), lengths).numpy().reshape(-1)
+
+
 def _zstd_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, level: int,
                  in_columns: bool) -> tuple[bytes, int]:
     """One block's codes in column order (triangle / rectangle; other row structures in row order;
@@ -380,8 +388,7 @@ def _zstd_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, level: 
     frame, then (if any) the escaped codes (uint16, or uint32 if one exceeds 65535) as a second frame.
     Stream: ``<I`` byte length of the first frame, the frames; returns (stream, flags)."""
     kind, rows, cols = _layout(lengths, triangle)
-    if not in_columns:
-        codes = _to_columns(torch.from_numpy(codes.reshape(1, -1)), lengths).numpy().reshape(-1)
+    codes = _host_columns(codes, lengths, in_columns)
     flags = 0 if kind == ROWS else _COLUMNS
     small = np.minimum(codes, ESCAPE).astype(np.uint8)
     frame = bytes(_zstd(level).encode(small))
@@ -409,8 +416,7 @@ def _rans_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, in_colu
     """One block's codes in column order (``in_columns``: they already are) through ``pipeline.cache.rans``;
     returns (stream, flags)."""
     columns, has_left, flags = _rans_columns(lengths, triangle)
-    if not in_columns and flags:
-        codes = _to_columns(torch.from_numpy(codes.reshape(1, -1)), lengths).numpy().reshape(-1)
+    codes = _host_columns(codes, lengths, in_columns)
     return rans.encode(np.ascontiguousarray(codes), columns, has_left=has_left), flags
 
 
