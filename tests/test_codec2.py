@@ -285,19 +285,22 @@ def test_a_read_mixing_both_entropy_stages_is_refused():
 
 
 # ---------------------------------------------------------------------------- the rans entropy stage
-def _rans_round_trip(codes, lengths, has_left):
-    from pipeline.cache import rans
+def _rans_round_trip(codes, lengths, has_left, coder="rans"):
+    from pipeline.cache import rans, tans
 
-    stream = rans.encode(codes, np.asarray(lengths), has_left=has_left)
+    coder = {"rans": rans, "tans": tans}[coder]
+    stream = coder.encode(codes, np.asarray(lengths), has_left=has_left)
     out = np.zeros(codes.size, np.uint8)
-    escapes = rans.decode(stream, np.asarray(lengths), has_left=has_left, out=out)
+    escapes = coder.decode(stream, np.asarray(lengths), has_left=has_left, out=out)
     decoded = out.astype(np.int64)
     decoded[out == 255] = escapes
     return decoded, stream
 
 
-@pytest.mark.parametrize("case", ["sparse", "dense", "wide", "zero", "one-entry", "single", "rect", "rows"])
-def test_rans_coder_is_lossless(case):
+@pytest.mark.parametrize("coder", ["rans", "tans"])
+@pytest.mark.parametrize("case", ["sparse", "dense", "wide", "zero", "one-entry", "single", "rect", "rows",
+                                  "empty", "matches"])
+def test_rans_coder_is_lossless(case, coder):
     rng = np.random.default_rng(11)
     size = 70
     lengths, has_left = np.arange(size, 0, -1), True  # a triangle's columns
@@ -319,29 +322,49 @@ def test_rans_coder_is_lossless(case):
         lengths = np.full(9, 200)
         codes = np.zeros(1800, np.int64)
         codes[rng.integers(0, 1800, 40)] = rng.integers(1, 1000, 40)
-    else:  # one column in row order, no left neighbour
+    elif case == "rows":  # one column in row order, no left neighbour
         lengths, has_left = np.array([5000]), False
         codes = np.where(rng.random(5000) < 0.02, rng.integers(1, 40, 5000), 0)
+    elif case == "empty":  # a block without entries, and one of empty columns
+        lengths, codes = (np.zeros(0, np.int64), np.zeros(0, np.int64)) if coder == "rans" else (
+            np.zeros(3, np.int64), np.zeros(0, np.int64))
+    else:  # rows persisting across columns (MATCH symbols), runs up to the whole column, big codes
+        rows = rng.random(size) < 0.2
+        codes = np.concatenate([np.where(rows[size - n:], rng.integers(1, 600, n), 0) for n in lengths])
     for dtype in (np.uint8, np.uint16, np.int32):
         if codes.max(initial=0) <= np.iinfo(dtype).max:
-            decoded, _ = _rans_round_trip(codes.astype(dtype), lengths, has_left)
+            decoded, _ = _rans_round_trip(codes.astype(dtype), lengths, has_left, coder)
             np.testing.assert_array_equal(decoded, codes)
 
 
-def test_rans_coder_refuses_damaged_streams():
-    from pipeline.cache import rans
+@pytest.mark.parametrize("coder", ["rans", "tans"])
+def test_rans_coder_refuses_damaged_streams(coder):
+    from pipeline.cache import rans, tans
 
+    module = {"rans": rans, "tans": tans}[coder]
     rng = np.random.default_rng(5)
     lengths = np.arange(40, 0, -1)
     codes = np.where(rng.random(820) < 0.2, rng.integers(1, 30, 820), 0).astype(np.uint8)
-    _, stream = _rans_round_trip(codes, lengths, True)
-    for bad in (stream[:-3], stream[:10], stream[:16] + bytes(len(stream) - 16)):
-        with pytest.raises(ValueError, match="rans stream"):
-            rans.decode(bad, lengths, has_left=True, out=np.zeros(820, np.uint8))
+    _, stream = _rans_round_trip(codes, lengths, True, coder)
+    bad = [stream[:-3], stream[:10], stream[:16] + bytes(len(stream) - 16)]
+    if coder == "tans":  # flipped bits anywhere in the tables or the bit stream, a wrong final state
+        bad += [stream[:i] + bytes([stream[i] ^ 0x10]) + stream[i + 1:] for i in range(18, len(stream), 7)]
+        bad.append(stream[:16] + bytes([(stream[16] + 1) % 256]) + stream[17:])
+    for damaged in bad:
+        out = np.zeros(820, np.uint8)
+        try:
+            escapes = module.decode(damaged, lengths, has_left=True, out=out)
+        except ValueError as exc:
+            assert f"{coder} stream" in str(exc)
+        else:  # a flip that still decodes consistently must not pass as the original
+            assert coder == "tans" and not (np.array_equal(out, codes) and escapes.size == 0)
+    with pytest.raises(ValueError, match=f"{coder} stream"):
+        module.decode(stream[:-3], lengths, has_left=True, out=np.zeros(820, np.uint8))
 
 
+@pytest.mark.parametrize("stage", ["rans", "tans"])
 @pytest.mark.parametrize("params", [{}, {"sink": True}, {"rel_error": 0.0001}])
-def test_rans_stage_reads_the_context_stages_codes(maps, params):
+def test_rans_stage_reads_the_context_stages_codes(maps, params, stage):
     from pipeline.cache.codec2 import RECT_COLUMNS, TRIANGLE_COLUMNS
 
     values, lengths, rows = _triangles(maps)
@@ -350,5 +373,38 @@ def test_rans_stage_reads_the_context_stages_codes(maps, params):
     rect = np.random.default_rng(2).random((6, 11)).astype(np.float32) ** 8
     for vals, lens, blocks, kind in ((values, lengths, rows, TRIANGLE_COLUMNS),
                                      (rect.ravel(), np.full(6, 11), [6], RECT_COLUMNS)):
-        np.testing.assert_array_equal(_stored_codes("rans", vals, lens, blocks, kind, params),
+        np.testing.assert_array_equal(_stored_codes(stage, vals, lens, blocks, kind, params),
                                       _stored_codes("context", vals, lens, blocks, kind, params))
+
+
+def test_tans_stage_reads_as_the_zstd_stage_on_random_and_structured_codes():
+    """The same codes through the tans and zstd stages: random dense values, a structured map with
+    persisting rows, escapes (codes above 255 and 65535), an all-zero map, and one rectangle block."""
+    rng = np.random.default_rng(7)
+    size = 64
+    tri = np.tril(rng.random((size, size)) ** 3)
+    tri[:, 0] += 3.0
+    structured = np.tril(np.outer(rng.random(size) < 0.3, rng.random(size)) + np.eye(size))
+    for dense in (tri, structured, np.zeros((size, size))):
+        values = dense[np.tril_indices(size)].astype(np.float32)
+        lengths = np.arange(1, size + 1)
+        for params in ({}, {"rel_error": 0.0001}):
+            np.testing.assert_array_equal(_stored_codes("tans", values, lengths, [size], 1, params),
+                                          _stored_codes("zstd", values, lengths, [size], 1, params))
+    rect = (rng.random((7, 30)) ** 6).astype(np.float32).ravel()
+    np.testing.assert_array_equal(_stored_codes("tans", rect, np.full(7, 30), [7], 2, {}),
+                                  _stored_codes("zstd", rect, np.full(7, 30), [7], 2, {}))
+
+
+def test_a_damaged_tans_blob_raises_a_clear_error():
+    values = np.random.default_rng(2).random(55).astype(np.float32)
+    lengths = np.arange(1, 11)
+    group = zarr.open_group(zarr.storage.MemoryStore({}), mode="w", zarr_format=3)
+    codec = get_codec("quant2", entropy="tans")
+    blob = codec.encode(codec.quantise(torch.from_numpy(values), lengths, [10]), 0)
+    from pipeline.cache.codec2 import decode_blobs
+
+    with pytest.raises(ValueError, match="tans stream of .* damaged or truncated"):
+        decode_blobs(blob[:-2], np.array([0, len(blob) - 2]), lengths, np.array([0, 10]))
+    codec.write(group, "x", values, row_lengths=lengths, block_rows=[10])
+    assert codec_from_description(codec.describe()) == codec

@@ -1,8 +1,9 @@
 """Codec ``quant2`` (codec format version 2): bounded per-map uniform quantisation, then an entropy stage
 per map (one variable-length blob each): a 2-D context model (``entropy="context"``, the smallest),
-zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode), or a
+zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode), a
 static context model with rANS over the same column order (``entropy="rans"``, near the context
-stage's size at a fraction of its decode time).
+stage's size at a fraction of its decode time), or the same model with joint (zero run, code) symbols
+and table ANS (``entropy="tans"``, ~3% larger than ``rans``, one table lookup per non-zero code).
 
 Quantisation (``quantise``, torch, on whatever device holds the maps): one step per block (map),
 searched with a few batched reductions (no host sync until the codes are ready) and verified: the
@@ -27,9 +28,13 @@ Entropy stages:
   many zeros as the column to the left has here") and non-zero codes, context-modelled with static
   per-map frequency tables and rANS: near the context stage's size, decoding costs per non-zero code
   instead of per entry, and yields the zstd stage's form (bytes with escapes) for the device to finish.
+- ``tans`` (``pipeline.cache.tans``): the rans stage's column order and contexts, but a zero run and the
+  code after it are one symbol (codes >= 5 add a second), coded with table ANS (zstd's FSE construction,
+  one state shared by every context's table): decoding is one table lookup and one bit-stream read per
+  non-zero code; the same output form as ``zstd`` and ``rans``.
 
 Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle, 4 = zstd stage,
-8 / 16 = escaped codes as uint16 / uint32, 32 = column order, 64 = rans stage; byte length of the exact first column, blosc-zstd
+8 / 16 = escaped codes as uint16 / uint32, 32 = column order, 64 = rans stage, 128 = tans stage; byte length of the exact first column, blosc-zstd
 float32, 0 without sink), that column, then the coded stream.
 Layout: group ``name`` (attrs {"codec": describe()}) holding ``blob`` (uint8, crc32c chunks, no further
 compression), ``blob_offset``, ``block_row`` and ``block_elem`` (int64 [n_blocks + 1]: byte, row and
@@ -54,14 +59,15 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache import entropy, rans
+from pipeline.cache import entropy, rans, tans
 from pipeline.cache.codec_base import as_rows, as_values, check_range, create_array, describe_codec
 from pipeline.cache.format import block_rows_for, row_lengths_for
 
 _HEADER = struct.Struct("<fBI")
-_SINK, _TRIANGLE, _ZSTD, _WIDE2, _WIDE4, _COLUMNS, _RANS = 1, 2, 4, 8, 16, 32, 64
-ENTROPY_STAGES = ("context", "zstd", "rans")
-COLUMN_STAGES = ("zstd", "rans")  # their codes reach the host in column order; the device restores rows
+_SINK, _TRIANGLE, _ZSTD, _WIDE2, _WIDE4, _COLUMNS, _RANS, _TANS = 1, 2, 4, 8, 16, 32, 64, 128
+_BYTE_STAGES = _ZSTD | _RANS | _TANS  # blob flags of the stages that hand the device bytes with escapes
+ENTROPY_STAGES = ("context", "zstd", "rans", "tans")
+COLUMN_STAGES = ("zstd", "rans", "tans")  # their codes reach the host in column order; the device restores rows
 # a block's layout in CodeBlocks.layouts: its codes in row order, or in column order of a packed triangle
 # (rows 1..S) or of a rectangle (rows x cols)
 ROWS, TRIANGLE_COLUMNS, RECT_COLUMNS = 0, 1, 2
@@ -184,7 +190,8 @@ class ContextQuantCodec:
             raise ValueError(f"sink must be true or false (store entry 0 of every row exactly), got {self.sink!r}")
         if self.entropy not in ENTROPY_STAGES:
             raise ValueError(f"entropy must be one of {', '.join(ENTROPY_STAGES)} (context: smallest; zstd: "
-                             f"decodes ~30x faster; rans: near context's size, decodes ~4x faster), "
+                             f"decodes ~30x faster; rans: near context's size, decodes ~4x faster; tans: ~3% larger "
+                             f"than rans, decodes ~1.5x faster than rans), "
                              f"got {self.entropy!r}")
         if not (isinstance(self.zstd_level, int) and not isinstance(self.zstd_level, bool)
                 and 1 <= self.zstd_level <= 22):
@@ -257,9 +264,9 @@ class ContextQuantCodec:
         if self.entropy == "zstd":
             stream, stage_flags = _zstd_encode(codes, lengths, triangle, self.zstd_level, quantised.columns)
             flags |= _ZSTD | stage_flags
-        elif self.entropy == "rans":
-            stream, stage_flags = _rans_encode(codes, lengths, triangle, quantised.columns)
-            flags |= _RANS | stage_flags
+        elif self.entropy in ("rans", "tans"):
+            stream, stage_flags = _rans_encode(codes, lengths, triangle, quantised.columns, self.entropy)
+            flags |= (_RANS if self.entropy == "rans" else _TANS) | stage_flags
         else:
             stream = entropy.encode_block(codes, _row_starts(lengths), lengths, skip_first=self.sink,
                                           triangle=triangle)
@@ -412,12 +419,14 @@ def _rans_columns(lengths: np.ndarray, triangle: bool | None = None) -> tuple[np
     return np.array([int(lengths.sum())], dtype=np.int64), False, 0
 
 
-def _rans_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, in_columns: bool) -> tuple[bytes, int]:
-    """One block's codes in column order (``in_columns``: they already are) through ``pipeline.cache.rans``;
-    returns (stream, flags)."""
+def _rans_encode(codes: np.ndarray, lengths: np.ndarray, triangle: bool, in_columns: bool,
+                 stage: str = "rans") -> tuple[bytes, int]:
+    """One block's codes in column order (``in_columns``: they already are) through ``pipeline.cache.rans``
+    (or ``pipeline.cache.tans``: ``stage``, the same columns); returns (stream, flags)."""
     columns, has_left, flags = _rans_columns(lengths, triangle)
     codes = _host_columns(codes, lengths, in_columns)
-    return rans.encode(np.ascontiguousarray(codes), columns, has_left=has_left), flags
+    coder = rans if stage == "rans" else tans
+    return coder.encode(np.ascontiguousarray(codes), columns, has_left=has_left), flags
 
 
 def frame_content_size(frame) -> int | None:
@@ -532,14 +541,14 @@ def _wire(codes: np.ndarray) -> tuple[torch.Tensor, bool]:
 def decode_blobs(data, offsets: np.ndarray, lengths: np.ndarray, block_row: np.ndarray) -> CodeBlocks:
     """Decode consecutive blobs (byte ``offsets`` into ``data``: bytes or a uint8 array, read in place) of
     blocks with rows ``lengths`` (``block_row``: each block's first row, relative). Blobs of the zstd and
-    rans stages stay on the host as they are stored (one byte per code, column order, escapes apart): the
+    rans / tans stages stay on the host as they are stored (one byte per code, column order, escapes apart): the
     device finishes them (``dequantise``)."""
     data = memoryview(data)
     starts = _row_starts(lengths)
     headers = [_HEADER.unpack_from(data, int(offsets[b])) for b in range(offsets.size - 1)]
-    zstd_only = all(flags & (_ZSTD | _RANS) for _, flags, _ in headers)  # byte codes in stored order
-    if not zstd_only and any(flags & (_ZSTD | _RANS) for _, flags, _ in headers):
-        raise ValueError("blobs of both entropy stages (context, and zstd or rans) in one read: an array is "
+    zstd_only = all(flags & _BYTE_STAGES for _, flags, _ in headers)  # byte codes in stored order
+    if not zstd_only and any(flags & _BYTE_STAGES for _, flags, _ in headers):
+        raise ValueError("blobs of both entropy stages (context, and zstd, rans or tans) in one read: an array is "
                          "written by one codec; the blob flags are damaged (python -m cache_teacher.verify CACHE "
                          "--deep)")
     codes = np.zeros(int(lengths.sum()), dtype=np.uint8 if zstd_only else np.int32)
@@ -557,9 +566,10 @@ def decode_blobs(data, offsets: np.ndarray, lengths: np.ndarray, block_row: np.n
         size = int(rows.sum())
         stream = data[at:int(offsets[b + 1])]
         layout = (ROWS, int(rows.size), 0)
-        if flags & _RANS:
+        if flags & (_RANS | _TANS):
             columns, has_left, _ = _rans_columns(rows, bool(flags & _TRIANGLE))
-            escapes.append(rans.decode(stream, columns, has_left=has_left, out=codes[elem:elem + size]))
+            coder = rans if flags & _RANS else tans
+            escapes.append(coder.decode(stream, columns, has_left=has_left, out=codes[elem:elem + size]))
             if flags & _COLUMNS:
                 layout = _layout(rows, bool(flags & _TRIANGLE))
         elif not flags & _ZSTD:

@@ -1,0 +1,502 @@
+"""The ``tans`` entropy stage of codec ``quant2``: one table-decoded symbol per non-zero code.
+
+The same column order and token model as the ``rans`` stage (``pipeline.cache.rans``: bottom-aligned
+columns, zero runs as ``EOC`` / ``MATCH`` / bucketed lengths), but a zero run and the code after it are
+ONE joint symbol (run symbol x code level 1..NCV-1 or "NCV and above", as JPEG's (run, size) pairs):
+the decoder spends one table lookup per non-zero code instead of two rANS steps. Codes >= ``_NCV`` take
+a second symbol (the excess, bucketed) in the context of the code above and the code to the left. The
+joint symbol's context is the left column's distance to its next non-zero and the code above (the
+``rans`` stage's run context).
+
+Coder: tANS (table ANS, as zstd's FSE): one state in [L, 2L) shared by every table, L = 2048; decoding a
+symbol is one lookup (symbol, bits to read, next-state base) and one read from a forward bit stream
+that interleaves each symbol's state bits with its raw low bits (run and code remainders), read with
+two aligned 64-bit loads. Static per-block frequency tables are stored in the stream.
+
+Stream: ``<IIIIH`` (table bytes, bits in the bit stream, events, escaped codes, final state - L), the tables
+(per table: used symbols, then per used symbol the gap to the previous one and frequency - 1, LEB128),
+the bit stream (uint64 little-endian words).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from numba import njit
+
+from pipeline.cache.entropy import _log2
+from pipeline.cache.rans import _advance, _bucket, _dlevel, _unbucket_base, _up_level, _vlevel
+
+_LOG = 10
+_L = 1 << _LOG
+_NCV = 5  # code levels in a joint symbol: 1..4 exact, 5 = "5 and above" (a second symbol follows)
+_NRUN = 68  # run symbols: MATCH, then buckets of run lengths up to 2^31 (8 exact, two per octave)
+_A_MAIN = 1 + _NRUN * _NCV  # EOC, then (run symbol, code level)
+_A_BIG = 66  # excess code buckets up to 2^31
+_NDL, _NUP, _NV = 11, 6, 7
+N_MAIN = _NDL * _NUP
+N_TABLES = N_MAIN + _NV * _NV
+_A = _A_MAIN  # table width
+ESCAPE = 255
+_HEAD = struct.Struct("<IIIIH")
+
+
+@njit(cache=True, inline="always")
+def _bitlen(v):
+    return _log2(v) + 1
+
+
+# ---------------------------------------------------------------------------- symbol tables (both sides)
+@njit(cache=True)
+def _main_symbols():
+    """Per joint symbol: (kind 0 EOC / 1 MATCH / 2 run, run base, run raw bits, code level 1.._NCV)."""
+    kind = np.zeros(_A_MAIN, np.int64)
+    rbase = np.zeros(_A_MAIN, np.int64)
+    rbits = np.zeros(_A_MAIN, np.int64)
+    level = np.zeros(_A_MAIN, np.int64)
+    for sym in range(1, _A_MAIN):
+        rs, cs = (sym - 1) // _NCV, (sym - 1) % _NCV
+        level[sym] = cs + 1
+        if rs == 0:
+            kind[sym] = 1
+        else:
+            kind[sym] = 2
+            s = rs - 1
+            if s < 8:
+                rbase[sym] = s
+            else:
+                rbase[sym], rbits[sym] = _unbucket_base(s, 8)
+    return kind, rbase, rbits, level
+
+
+@njit(cache=True)
+def _run_bases():
+    """Per run symbol (0 MATCH, then the buckets): the run's base length."""
+    base = np.zeros(_NRUN, np.int64)
+    for rs in range(1, _NRUN):
+        s = rs - 1
+        base[rs] = s if s < 8 else _unbucket_base(s, 8)[0]
+    return base
+
+
+@njit(cache=True)
+def _big_symbols():
+    base = np.zeros(_A_BIG, np.int64)
+    bits = np.zeros(_A_BIG, np.int64)
+    for s in range(_A_BIG):
+        if s < 8:
+            base[s] = s
+        else:
+            base[s], bits[s] = _unbucket_base(s, 8)
+    return base, bits
+
+
+# ---------------------------------------------------------------------------- encoder
+@njit(nogil=True, cache=True)
+def _events(codes, lengths, has_left, tab, sym, raw, rnb, counts):
+    """Pass 1: the symbol events in decoding order (table, symbol, raw value, raw bits) and the counts;
+    returns (events, escaped codes)."""
+    width = lengths.max() if lengths.size else 0
+    prev = np.empty(width + 1, np.int64)
+    cur = np.empty(width + 1, np.int64)
+    n_prev, ne, escaped, base = 0, 0, 0, 0
+    for j in range(lengths.size):
+        length = lengths[j]
+        left = has_left and j > 0
+        shift = lengths[j - 1] - length if left else 0
+        k, up, p, n_cur = 0, 0, 0, 0
+        while k < length:
+            r = 0
+            while k + r < length and codes[base + k + r] == 0:
+                r += 1
+            d = -2
+            if left:
+                p, d = _advance(prev, n_prev, p, k, shift)
+            ctx = _dlevel(d) * _NUP + _up_level(up)
+            tab[ne] = ctx
+            raw[ne], rnb[ne] = 0, 0
+            if k + r == length:
+                sym[ne] = 0
+                counts[ctx, 0] += 1
+                ne += 1
+                break
+            if r == d:
+                rs = 0
+            else:
+                s, nb, extra = _bucket(r, 8)
+                rs = 1 + s
+                raw[ne], rnb[ne] = extra, nb
+            k += r
+            x = np.int64(codes[base + k])
+            s = 1 + rs * _NCV + min(x, _NCV) - 1
+            sym[ne] = s
+            counts[ctx, s] += 1
+            ne += 1
+            if x >= _NCV:
+                lv = min(np.int64(codes[base + k - length]), ESCAPE) if left else 0
+                ctx = N_MAIN + _vlevel(up) * _NV + _vlevel(lv)
+                s, nb, extra = _bucket(x - _NCV, 8)
+                tab[ne], sym[ne], raw[ne], rnb[ne] = ctx, s, extra, nb
+                counts[ctx, s] += 1
+                ne += 1
+            escaped += x >= ESCAPE
+            cur[n_cur] = k
+            n_cur += 1
+            up = x
+            k += 1
+        prev, cur, n_prev = cur, prev, n_cur
+        base += length
+    return ne, escaped
+
+
+@njit(nogil=True, cache=True)
+def _normalise(counts, freq):
+    """Frequencies summing to _L per used table (every seen symbol >= 1), the largest absorbing rounding."""
+    for c in range(counts.shape[0]):
+        total = counts[c].sum()
+        if total == 0:
+            continue
+        s = 0
+        for a in range(counts.shape[1]):
+            if counts[c, a]:
+                freq[c, a] = max(1, counts[c, a] * _L // total)
+                s += freq[c, a]
+        while s != _L:
+            big = np.argmax(freq[c])
+            if s < _L:
+                freq[c, big] += _L - s
+                s = _L
+            else:
+                cut = min(s - _L, freq[c, big] - 1)
+                freq[c, big] -= cut
+                s -= cut
+
+
+@njit(cache=True)
+def _spread(freq_row, spread):
+    """zstd's symbol spread: each symbol's slots scattered over the table by a fixed odd step."""
+    step = (_L >> 1) + (_L >> 3) + 3
+    pos = 0
+    for a in range(freq_row.size):
+        for _ in range(freq_row[a]):
+            spread[pos] = a
+            pos = (pos + step) & (_L - 1)
+
+
+@njit(nogil=True, cache=True)
+def _build(freq, dtab, enc, cum):
+    """Decoding tables (symbol | bits << 16 | (next-state base) << 20 per state) and encoding tables
+    (the state of each (symbol, sub-state)) of every used table."""
+    spread = np.empty(_L, np.int64)
+    nxt = np.empty(freq.shape[1], np.int64)
+    for c in range(freq.shape[0]):
+        if freq[c].sum() == 0:
+            continue
+        _spread(freq[c], spread)
+        total = 0
+        for a in range(freq.shape[1]):
+            cum[c, a] = total
+            nxt[a] = freq[c, a]
+            total += freq[c, a]
+        for i in range(_L):
+            a = spread[i]
+            ns = nxt[a]
+            nxt[a] += 1
+            nb = _LOG - _log2(ns)
+            dtab[c, i] = a | (nb << 16) | (((ns << nb) - _L) << 20)
+            enc[c, cum[c, a] + ns - freq[c, a]] = _L + i
+
+
+@njit(nogil=True, cache=True)
+def _code(tab, sym, raw, rnb, ne, freq, enc, cum, words):
+    """tANS over the events in reverse (state bits per event), then every event's state bits and raw
+    bits written forward; returns (bits written, final state)."""
+    sval = np.empty(ne, np.int64)
+    snb = np.empty(ne, np.int64)
+    x = np.int64(_L)
+    for e in range(ne - 1, -1, -1):
+        c, a = tab[e], sym[e]
+        f = freq[c, a]
+        nb = _LOG + 1 - _bitlen(f)
+        if (x >> nb) < f:
+            nb -= 1
+        sval[e] = x & ((np.int64(1) << nb) - 1)
+        snb[e] = nb
+        x = enc[c, cum[c, a] + (x >> nb) - f]
+    pos = np.int64(0)
+    for e in range(ne):
+        pos = _put(words, pos, sval[e], snb[e])
+        pos = _put(words, pos, raw[e], rnb[e])
+    return pos, x
+
+
+@njit(cache=True, inline="always")
+def _put(words, pos, value, nb):
+    if nb == 0:
+        return pos
+    q, sh = pos >> 6, pos & 63
+    v = np.uint64(value)
+    words[q] |= v << np.uint64(sh)
+    if sh + nb > 64:
+        words[q + 1] |= v >> np.uint64(64 - sh)
+    return pos + nb
+
+
+@njit(nogil=True, cache=True)
+def _tables(freq, out):
+    """Per table: used symbols, then (gap to the previous used symbol, frequency - 1) each, LEB128."""
+    pos = 0
+    for c in range(freq.shape[0]):
+        used = 0
+        for a in range(freq.shape[1]):
+            used += freq[c, a] > 0
+        pos = _leb(out, pos, used)
+        last = -1
+        for a in range(freq.shape[1]):
+            if freq[c, a]:
+                pos = _leb(out, pos, a - last - 1)
+                pos = _leb(out, pos, freq[c, a] - 1)
+                last = a
+    return pos
+
+
+@njit(cache=True, inline="always")
+def _leb(out, pos, value):
+    while value >= 128:
+        out[pos] = (value & 127) | 128
+        value >>= 7
+        pos += 1
+    out[pos] = value
+    return pos + 1
+
+
+def encode(codes: np.ndarray, lengths: np.ndarray, *, has_left: bool) -> bytes:
+    """The stream of one block's codes (flat, column order: column j is the next ``lengths[j]`` codes,
+    bottom-aligned; ``has_left``: column j-1 is the left neighbour of column j)."""
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    size = 2 * n + lengths.size
+    tab, sym = np.empty(size, np.int64), np.empty(size, np.int64)
+    raw, rnb = np.empty(size, np.int64), np.empty(size, np.int64)
+    counts = np.zeros((N_TABLES, _A), np.int64)
+    ne, escaped = _events(np.ascontiguousarray(codes), lengths, has_left, tab, sym, raw, rnb, counts)
+    freq = np.zeros((N_TABLES, _A), np.int64)
+    _normalise(counts, freq)
+    dtab = np.zeros((N_TABLES, _L), np.uint32)
+    enc = np.zeros((N_TABLES, _L), np.int64)
+    cum = np.zeros((N_TABLES, _A), np.int64)
+    _build(freq, dtab, enc, cum)
+    words = np.zeros(int(ne) * 74 // 64 + 2, np.uint64)  # <= 11 state + 63 raw bits per event
+    nbits, state = _code(tab, sym, raw, rnb, ne, freq, enc, cum, words)
+    table = np.empty(N_TABLES * (2 * _A + 1) * 3, np.uint8)
+    nt = _tables(freq, table)
+    n_words = (int(nbits) + 63) // 64
+    return (_HEAD.pack(nt, int(nbits), ne, escaped, int(state) - _L) + table[:nt].tobytes()
+            + words[:n_words].astype("<u8").tobytes())
+
+
+# ---------------------------------------------------------------------------- decoder
+@njit(nogil=True, cache=True)
+def _read_tables(data, freq):
+    """Parse the tables into ``freq``; returns bytes used, or -1 if they are malformed."""
+    pos = 0
+    for c in range(freq.shape[0]):
+        used, pos = _uleb(data, pos)
+        if used < 0 or used > freq.shape[1]:
+            return -1
+        a, total = -1, 0
+        for _ in range(used):
+            gap, pos = _uleb(data, pos)
+            f, pos = _uleb(data, pos)
+            if gap < 0 or f < 0:
+                return -1
+            a += gap + 1
+            if a >= freq.shape[1] or (c >= N_MAIN and a >= _A_BIG):
+                return -1
+            freq[c, a] = f + 1
+            total += f + 1
+        if used and total != _L:
+            return -1
+    return pos
+
+
+@njit(cache=True, inline="always")
+def _uleb(data, pos):
+    value, shift = np.int64(0), 0
+    while True:
+        if pos >= data.size or shift > 28:
+            return np.int64(-1), pos
+        b = data[pos]
+        pos += 1
+        value |= np.int64(b & 127) << shift
+        shift += 7
+        if b < 128:
+            return value, pos
+
+
+@njit(cache=True, inline="always")
+def _peek(words, pos, nb):
+    """nb (<= 64) bits at bit position pos, LSB first (two aligned loads; words padded by two)."""
+    q, sh = pos >> 6, np.uint64(pos & 63)
+    v = (words[q] >> sh) | ((words[q + 1] << np.uint64(1)) << (np.uint64(63) - sh))
+    return np.int64(v & ((np.uint64(1) << np.uint64(nb)) - np.uint64(1))) if nb < 64 else np.int64(v)
+
+
+@njit(cache=True)
+def _luts():
+    """Context levels as lookups (no branch cascades in the decoder): left distance + 2 (capped at 258),
+    code above (capped at 255) for the joint symbol, code level (capped at 255) for the excess."""
+    dl = np.empty(259, np.int64)
+    for d in range(259):
+        dl[d] = _dlevel(d - 2) * _NUP
+    ul = np.empty(256, np.int64)
+    vl = np.empty(256, np.int64)
+    for v in range(256):
+        ul[v] = _up_level(v)
+        vl[v] = _vlevel(v)
+    return dl, ul, vl
+
+
+@njit(nogil=True, cache=True)
+def _decoding_tables(freq, used):
+    """The decoder's tables of the used tables (``used`` set): per state one uint32 (small tables stay in
+    cache) holding its state bits, next-state base (<< 4), raw bits (<< 14), and for joint symbols the
+    kind (<< 19: 0 EOC, 1 MATCH, 2 run), code level (<< 21) and run symbol (<< 24), for excess symbols
+    the symbol (<< 19)."""
+    kind, _, rbits, level = _main_symbols()
+    _, bbits = _big_symbols()
+    dtab = np.empty((freq.shape[0], _L), np.uint32)
+    spread = np.empty(_L, np.int64)
+    nxt = np.empty(freq.shape[1], np.int64)
+    for c in range(freq.shape[0]):
+        used[c] = freq[c].sum() > 0
+        if not used[c]:
+            continue
+        _spread(freq[c], spread)
+        for a in range(freq.shape[1]):
+            nxt[a] = freq[c, a]
+        for i in range(_L):
+            a = spread[i]
+            ns = nxt[a]
+            nxt[a] += 1
+            nb = _LOG - _log2(ns)
+            entry = nb | (((ns << nb) - _L) << 4)
+            if c < N_MAIN:
+                entry |= (rbits[a] << 14) | (kind[a] << 19) | (level[a] << 21) | (max(a - 1, 0) // _NCV << 24)
+            else:
+                entry |= (bbits[a] << 14) | (a << 19)
+            dtab[c, i] = entry
+    return dtab
+
+
+@njit(cache=True)
+def _luts():
+    """Context levels as lookups (no branch cascades in the decoder): left distance + 2 (capped at 258),
+    code above (capped at 255) for the joint symbol, code level (capped at 255) for the excess."""
+    dl = np.empty(259, np.int64)
+    for d in range(259):
+        dl[d] = _dlevel(d - 2) * _NUP
+    ul = np.empty(256, np.int64)
+    vl = np.empty(256, np.int64)
+    for v in range(256):
+        ul[v] = _up_level(v)
+        vl[v] = _vlevel(v)
+    return dl, ul, vl
+
+
+@njit(nogil=True, cache=True)
+def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes):
+    """Fill the non-zero codes of ``out`` (uint8, zero-filled) and ``escapes``; returns 0, or -1 if the
+    stream is inconsistent (a run past its column, an unused table, bits or events left over)."""
+    rbase = _run_bases()
+    bbase, _ = _big_symbols()
+    dl, ul, vl = _luts()
+    x = np.int64(state)
+    pos = np.int64(0)
+    width = lengths.max() if lengths.size else 0
+    prev = np.empty(width + 1, np.int64)
+    cur = np.empty(width + 1, np.int64)
+    n_prev, n_esc, base, e = 0, 0, 0, 0
+    for j in range(lengths.size):
+        length = lengths[j]
+        left = has_left and j > 0
+        shift = lengths[j - 1] - length if left else 0
+        k, up, p, n_cur = 0, 0, 0, 0
+        prev[n_prev] = length + shift + (1 << 40)  # a sentinel past the column: no bound check
+        while k < length:
+            d = -2
+            if left:
+                while prev[p] - shift < k:
+                    p += 1
+                d = prev[p] - shift - k if p < n_prev else -1
+            ctx = dl[min(d + 2, 258)] + ul[min(up, 255)]
+            e += 1
+            if not used[ctx] or e > ne or pos > nbits:
+                return -1
+            entry = np.int64(dtab[ctx, x])
+            nb, rb = entry & 0xF, (entry >> 14) & 0x1F
+            v = _peek(words, pos, nb + rb)
+            pos += nb + rb
+            x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
+            kd = (entry >> 19) & 3
+            if kd == 0:
+                break
+            r = d if kd == 1 else rbase[entry >> 24] + (v >> nb)
+            if r < 0 or r >= length - k:
+                return -1
+            k += r
+            c = (entry >> 21) & 7
+            if c == _NCV:
+                lv = np.int64(out[base + k - length]) if left else 0
+                ctx = N_MAIN + vl[min(up, 255)] * _NV + vl[lv]
+                e += 1
+                if not used[ctx] or e > ne:
+                    return -1
+                entry = np.int64(dtab[ctx, x])
+                nb, rb = entry & 0xF, (entry >> 14) & 0x1F
+                v = _peek(words, pos, nb + rb)
+                pos += nb + rb
+                x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
+                c = _NCV + bbase[entry >> 19] + (v >> nb)
+            if c >= ESCAPE:
+                if n_esc >= escapes.size:
+                    return -1
+                escapes[n_esc] = c
+                n_esc += 1
+                out[base + k] = ESCAPE
+            else:
+                out[base + k] = c
+            cur[n_cur] = k
+            n_cur += 1
+            up = c
+            k += 1
+        prev, cur, n_prev = cur, prev, n_cur
+        base += length
+    return 0 if (n_esc == escapes.size and x == 0 and e == ne and pos == nbits) else -1
+
+
+def decode(stream, lengths: np.ndarray, *, has_left: bool, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (uint8, ZERO-FILLED, the block's codes in column order) from one stream of ``encode``;
+    returns the escaped codes (int32, in order: their bytes in ``out`` hold ``ESCAPE``)."""
+    data = np.frombuffer(stream, dtype=np.uint8)
+    damaged = ValueError(f"tans stream of {data.size} bytes is damaged or truncated (it does not decode to the "
+                         f"block's {out.size} codes)")
+    if data.size < _HEAD.size:
+        raise ValueError(f"tans stream of {data.size} bytes is shorter than its header")
+    n_table, nbits, ne, n_esc, state = _HEAD.unpack_from(data)
+    n_words = (nbits + 63) // 64
+    if _HEAD.size + n_table + 8 * n_words != data.size or state >= _L:
+        raise damaged
+    freq = np.zeros((N_TABLES, _A), np.int64)
+    if _read_tables(data[_HEAD.size:_HEAD.size + n_table], freq) != n_table:
+        raise damaged
+    used = np.zeros(N_TABLES, np.bool_)
+    dtab = _decoding_tables(freq, used)
+    words = np.zeros(n_words + 2, np.uint64)
+    words[:n_words] = np.frombuffer(data[_HEAD.size + n_table:], dtype="<u8")
+    escapes = np.zeros(n_esc, np.int32)
+    if _decode(dtab, used, words, nbits, ne, state, np.ascontiguousarray(lengths, dtype=np.int64), has_left,
+               out, escapes):
+        raise damaged
+    return escapes
