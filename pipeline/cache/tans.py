@@ -1,21 +1,25 @@
 """The ``tans`` entropy stage of codec ``quant2``: one table-decoded symbol per non-zero code.
 
-The same column order and token model as the ``rans`` stage (``pipeline.cache.rans``: bottom-aligned
-columns, zero runs as ``EOC`` / ``MATCH`` / bucketed lengths), but a zero run and the code after it are
-ONE joint symbol (run symbol x code level 1..NCV-1 or "NCV and above", as JPEG's (run, size) pairs):
-the decoder spends one table lookup per non-zero code instead of two rANS steps. Codes >= ``_NCV`` take
-a second symbol (the excess, bucketed) in the context of the code above and the code to the left. The
-joint symbol's context is the left column's distance to its next non-zero and the code above (the
-``rans`` stage's run context).
+The ``rans`` stage's column order (``pipeline.cache.rans``: bottom-aligned columns, so the entry left of
+index k of column j is ``lengths[j]`` positions back in the flat order) and zero runs, but a zero run
+and the code after it are ONE joint symbol (``EOC``: zeros to the end of the column, or the run length
+bucketed (0..7 exact, then two buckets per octave, the low bits raw) x code level 1..4 or "5 and
+above", as JPEG's (run, size) pairs): the decoder spends one table lookup per non-zero code instead of
+two rANS steps. Codes >= ``_NCV`` take a second symbol (the excess, bucketed) in the context of the code
+above and the code to the left. The joint symbol's context is the code left of the run's first entry
+(a direct load from the column decoded before: no list of the left column's non-zeros, no ``MATCH``
+symbol; measured on real maps as small as the rans stage's left-distance context) and the code above
+(the last one in this column).
 
-Coder: tANS (table ANS, as zstd's FSE): one state in [L, 2L) shared by every table, L = 2048; decoding a
-symbol is one lookup (symbol, bits to read, next-state base) and one read from a forward bit stream
-that interleaves each symbol's state bits with its raw low bits (run and code remainders), read with
-two aligned 64-bit loads. Static per-block frequency tables are stored in the stream.
+Coder: tANS (table ANS, as zstd's FSE): one state in [L, 2L) shared by every table, L = 1024 (the
+decoder's tables stay in cache); decoding a symbol is one lookup (packed: bits to read, next-state
+base, raw bits, run and code level) and one read from a forward bit stream that interleaves each
+symbol's state bits with its raw low bits (run and code remainders), read with two aligned 64-bit
+loads. Static per-block frequency tables are stored in the stream.
 
-Stream: ``<IIIIH`` (table bytes, bits in the bit stream, events, escaped codes, final state - L), the tables
-(per table: used symbols, then per used symbol the gap to the previous one and frequency - 1, LEB128),
-the bit stream (uint64 little-endian words).
+Stream: ``<IIIIH`` (table bytes, bits in the bit stream, events, escaped codes, final state - L), the
+tables (per table: used symbols, then per used symbol the gap to the previous one and frequency - 1,
+LEB128), the bit stream (uint64 little-endian words).
 """
 
 from __future__ import annotations
@@ -26,16 +30,16 @@ import numpy as np
 from numba import njit
 
 from pipeline.cache.entropy import _log2
-from pipeline.cache.rans import _advance, _bucket, _dlevel, _unbucket_base, _up_level, _vlevel
+from pipeline.cache.rans import _bucket, _unbucket_base, _up_level, _vlevel
 
 _LOG = 10
 _L = 1 << _LOG
 _NCV = 5  # code levels in a joint symbol: 1..4 exact, 5 = "5 and above" (a second symbol follows)
-_NRUN = 68  # run symbols: MATCH, then buckets of run lengths up to 2^31 (8 exact, two per octave)
-_A_MAIN = 1 + _NRUN * _NCV  # EOC, then (run symbol, code level)
-_A_BIG = 66  # excess code buckets up to 2^31
-_NDL, _NUP, _NV = 11, 6, 7
-N_MAIN = _NDL * _NUP
+_NRUN = 64  # run-length buckets up to 2^31 (8 exact, then two per octave)
+_A_MAIN = 1 + _NRUN * _NCV  # EOC, then (run bucket, code level)
+_A_BIG = 64  # excess code buckets up to 2^31
+_NLEFT, _NUP, _NV = 8, 6, 7  # joint contexts: left code (none, or its level) x code above
+N_MAIN = _NLEFT * _NUP
 N_TABLES = N_MAIN + _NV * _NV
 _A = _A_MAIN  # table width
 ESCAPE = 255
@@ -50,34 +54,18 @@ def _bitlen(v):
 # ---------------------------------------------------------------------------- symbol tables (both sides)
 @njit(cache=True)
 def _main_symbols():
-    """Per joint symbol: (kind 0 EOC / 1 MATCH / 2 run, run base, run raw bits, code level 1.._NCV)."""
-    kind = np.zeros(_A_MAIN, np.int64)
+    """Per joint symbol: (run base, run raw bits, code level 1.._NCV; 0 for EOC)."""
     rbase = np.zeros(_A_MAIN, np.int64)
     rbits = np.zeros(_A_MAIN, np.int64)
     level = np.zeros(_A_MAIN, np.int64)
     for sym in range(1, _A_MAIN):
         rs, cs = (sym - 1) // _NCV, (sym - 1) % _NCV
         level[sym] = cs + 1
-        if rs == 0:
-            kind[sym] = 1
+        if rs < 8:
+            rbase[sym] = rs
         else:
-            kind[sym] = 2
-            s = rs - 1
-            if s < 8:
-                rbase[sym] = s
-            else:
-                rbase[sym], rbits[sym] = _unbucket_base(s, 8)
-    return kind, rbase, rbits, level
-
-
-@njit(cache=True)
-def _run_bases():
-    """Per run symbol (0 MATCH, then the buckets): the run's base length."""
-    base = np.zeros(_NRUN, np.int64)
-    for rs in range(1, _NRUN):
-        s = rs - 1
-        base[rs] = s if s < 8 else _unbucket_base(s, 8)[0]
-    return base
+            rbase[sym], rbits[sym] = _unbucket_base(rs, 8)
+    return rbase, rbits, level
 
 
 @njit(cache=True)
@@ -93,27 +81,26 @@ def _big_symbols():
 
 
 # ---------------------------------------------------------------------------- encoder
+@njit(cache=True, inline="always")
+def _left_ctx(codes, at, left):
+    """The joint symbol's left level: 0 without a left column, else 1 + the left code's level."""
+    return 1 + _vlevel(min(np.int64(codes[at]), ESCAPE)) if left else 0
+
+
 @njit(nogil=True, cache=True)
 def _events(codes, lengths, has_left, tab, sym, raw, rnb, counts):
     """Pass 1: the symbol events in decoding order (table, symbol, raw value, raw bits) and the counts;
     returns (events, escaped codes)."""
-    width = lengths.max() if lengths.size else 0
-    prev = np.empty(width + 1, np.int64)
-    cur = np.empty(width + 1, np.int64)
-    n_prev, ne, escaped, base = 0, 0, 0, 0
+    ne, escaped, base = 0, 0, 0
     for j in range(lengths.size):
         length = lengths[j]
         left = has_left and j > 0
-        shift = lengths[j - 1] - length if left else 0
-        k, up, p, n_cur = 0, 0, 0, 0
+        k, up = 0, 0
         while k < length:
             r = 0
             while k + r < length and codes[base + k + r] == 0:
                 r += 1
-            d = -2
-            if left:
-                p, d = _advance(prev, n_prev, p, k, shift)
-            ctx = _dlevel(d) * _NUP + _up_level(up)
+            ctx = _left_ctx(codes, base + k - length, left) * _NUP + _up_level(up)
             tab[ne] = ctx
             raw[ne], rnb[ne] = 0, 0
             if k + r == length:
@@ -121,12 +108,8 @@ def _events(codes, lengths, has_left, tab, sym, raw, rnb, counts):
                 counts[ctx, 0] += 1
                 ne += 1
                 break
-            if r == d:
-                rs = 0
-            else:
-                s, nb, extra = _bucket(r, 8)
-                rs = 1 + s
-                raw[ne], rnb[ne] = extra, nb
+            rs, nb, extra = _bucket(r, 8)
+            raw[ne], rnb[ne] = extra, nb
             k += r
             x = np.int64(codes[base + k])
             s = 1 + rs * _NCV + min(x, _NCV) - 1
@@ -141,11 +124,8 @@ def _events(codes, lengths, has_left, tab, sym, raw, rnb, counts):
                 counts[ctx, s] += 1
                 ne += 1
             escaped += x >= ESCAPE
-            cur[n_cur] = k
-            n_cur += 1
             up = x
             k += 1
-        prev, cur, n_prev = cur, prev, n_cur
         base += length
     return ne, escaped
 
@@ -185,9 +165,9 @@ def _spread(freq_row, spread):
 
 
 @njit(nogil=True, cache=True)
-def _build(freq, dtab, enc, cum):
-    """Decoding tables (symbol | bits << 16 | (next-state base) << 20 per state) and encoding tables
-    (the state of each (symbol, sub-state)) of every used table."""
+def _build(freq, enc, cum):
+    """The encoding tables of every used table: the state of each (symbol, sub-state), the symbol's
+    first sub-state (``cum``)."""
     spread = np.empty(_L, np.int64)
     nxt = np.empty(freq.shape[1], np.int64)
     for c in range(freq.shape[0]):
@@ -203,8 +183,6 @@ def _build(freq, dtab, enc, cum):
             a = spread[i]
             ns = nxt[a]
             nxt[a] += 1
-            nb = _LOG - _log2(ns)
-            dtab[c, i] = a | (nb << 16) | (((ns << nb) - _L) << 20)
             enc[c, cum[c, a] + ns - freq[c, a]] = _L + i
 
 
@@ -287,10 +265,9 @@ def encode(codes: np.ndarray, lengths: np.ndarray, *, has_left: bool) -> bytes:
     ne, escaped = _events(np.ascontiguousarray(codes), lengths, has_left, tab, sym, raw, rnb, counts)
     freq = np.zeros((N_TABLES, _A), np.int64)
     _normalise(counts, freq)
-    dtab = np.zeros((N_TABLES, _L), np.uint32)
     enc = np.zeros((N_TABLES, _L), np.uint16)
     cum = np.zeros((N_TABLES, _A), np.int64)
-    _build(freq, dtab, enc, cum)
+    _build(freq, enc, cum)
     words = np.zeros(int(ne) * 74 // 64 + 2, np.uint64)  # <= 11 state + 63 raw bits per event
     nbits, state = _code(tab, sym, raw, rnb, ne, freq, enc, cum, words)
     table = np.empty(N_TABLES * (2 * _A + 1) * 3, np.uint8)
@@ -347,28 +324,12 @@ def _peek(words, pos, nb):
     return np.int64(v & ((np.uint64(1) << np.uint64(nb)) - np.uint64(1))) if nb < 64 else np.int64(v)
 
 
-@njit(cache=True)
-def _luts():
-    """Context levels as lookups (no branch cascades in the decoder): left distance + 2 (capped at 258),
-    code above (capped at 255) for the joint symbol, code level (capped at 255) for the excess."""
-    dl = np.empty(259, np.int64)
-    for d in range(259):
-        dl[d] = _dlevel(d - 2) * _NUP
-    ul = np.empty(256, np.int64)
-    vl = np.empty(256, np.int64)
-    for v in range(256):
-        ul[v] = _up_level(v)
-        vl[v] = _vlevel(v)
-    return dl, ul, vl
-
-
 @njit(nogil=True, cache=True)
 def _decoding_tables(freq, used):
     """The decoder's tables of the used tables (``used`` set): per state one uint32 (small tables stay in
     cache) holding its state bits, next-state base (<< 4), raw bits (<< 14), and for joint symbols the
-    kind (<< 19: 0 EOC, 1 MATCH, 2 run), code level (<< 21) and run symbol (<< 24), for excess symbols
-    the symbol (<< 19)."""
-    kind, _, rbits, level = _main_symbols()
+    code level (<< 19, 0: EOC) and run bucket (<< 22), for excess symbols the symbol (<< 19)."""
+    rbase, rbits, level = _main_symbols()
     _, bbits = _big_symbols()
     dtab = np.empty((freq.shape[0], _L), np.uint32)
     spread = np.empty(_L, np.int64)
@@ -387,7 +348,7 @@ def _decoding_tables(freq, used):
             nb = _LOG - _log2(ns)
             entry = nb | (((ns << nb) - _L) << 4)
             if c < N_MAIN:
-                entry |= (rbits[a] << 14) | (kind[a] << 19) | (level[a] << 21) | (max(a - 1, 0) // _NCV << 24)
+                entry |= (rbits[a] << 14) | (level[a] << 19) | (max(a - 1, 0) // _NCV << 22)
             else:
                 entry |= (bbits[a] << 14) | (a << 19)
             dtab[c, i] = entry
@@ -396,45 +357,34 @@ def _decoding_tables(freq, used):
 
 @njit(cache=True)
 def _luts():
-    """Context levels as lookups (no branch cascades in the decoder): left distance + 2 (capped at 258),
-    code above (capped at 255) for the joint symbol, code level (capped at 255) for the excess."""
-    dl = np.empty(259, np.int64)
-    for d in range(259):
-        dl[d] = _dlevel(d - 2) * _NUP
+    """Context offsets as lookups (no branch cascades in the decoder), by code capped at 255: the left
+    level's table offset, the code above's level, and the code level of the excess contexts."""
+    lt = np.empty(256, np.int64)
     ul = np.empty(256, np.int64)
     vl = np.empty(256, np.int64)
     for v in range(256):
+        lt[v] = (1 + _vlevel(v)) * _NUP
         ul[v] = _up_level(v)
         vl[v] = _vlevel(v)
-    return dl, ul, vl
+    return lt, ul, vl
 
 
 @njit(nogil=True, cache=True)
 def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes):
     """Fill the non-zero codes of ``out`` (uint8, zero-filled) and ``escapes``; returns 0, or -1 if the
     stream is inconsistent (a run past its column, an unused table, bits or events left over)."""
-    rbase = _run_bases()
+    rbase, _, _ = _main_symbols()
     bbase, _ = _big_symbols()
-    dl, ul, vl = _luts()
+    lt, ul, vl = _luts()
     x = np.int64(state)
     pos = np.int64(0)
-    width = lengths.max() if lengths.size else 0
-    prev = np.empty(width + 1, np.int64)
-    cur = np.empty(width + 1, np.int64)
-    n_prev, n_esc, base, e = 0, 0, 0, 0
+    n_esc, base, e = 0, 0, 0
     for j in range(lengths.size):
         length = lengths[j]
         left = has_left and j > 0
-        shift = lengths[j - 1] - length if left else 0
-        k, up, p, n_cur = 0, 0, 0, 0
-        prev[n_prev] = length + shift + (1 << 40)  # a sentinel past the column: no bound check
+        k, up = 0, 0
         while k < length:
-            d = -2
-            if left:
-                while prev[p] - shift < k:
-                    p += 1
-                d = prev[p] - shift - k if p < n_prev else -1
-            ctx = dl[min(d + 2, 258)] + ul[min(up, 255)]
+            ctx = (lt[out[base + k - length]] if left else 0) + ul[min(up, 255)]
             e += 1
             if not used[ctx] or e > ne or pos > nbits:
                 return -1
@@ -443,14 +393,13 @@ def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes
             v = _peek(words, pos, nb + rb)
             pos += nb + rb
             x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
-            kd = (entry >> 19) & 3
-            if kd == 0:
+            c = (entry >> 19) & 7
+            if c == 0:
                 break
-            r = d if kd == 1 else rbase[entry >> 24] + (v >> nb)
-            if r < 0 or r >= length - k:
+            r = rbase[1 + (entry >> 22) * _NCV] + (v >> nb)
+            if r >= length - k:
                 return -1
             k += r
-            c = (entry >> 21) & 7
             if c == _NCV:
                 lv = np.int64(out[base + k - length]) if left else 0
                 ctx = N_MAIN + vl[min(up, 255)] * _NV + vl[lv]
@@ -471,11 +420,8 @@ def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes
                 out[base + k] = ESCAPE
             else:
                 out[base + k] = c
-            cur[n_cur] = k
-            n_cur += 1
             up = c
             k += 1
-        prev, cur, n_prev = cur, prev, n_cur
         base += length
     return 0 if (n_esc == escapes.size and x == 0 and e == ne and pos == nbits) else -1
 
