@@ -316,27 +316,22 @@ def _uleb(data, pos):
             return value, pos
 
 
-@njit(cache=True, inline="always")
-def _peek(words, pos, nb):
-    """nb (<= 64) bits at bit position pos, LSB first (two aligned loads; words padded by two)."""
-    q, sh = pos >> 6, np.uint64(pos & 63)
-    v = (words[q] >> sh) | ((words[q + 1] << np.uint64(1)) << (np.uint64(63) - sh))
-    return np.int64(v & ((np.uint64(1) << np.uint64(nb)) - np.uint64(1))) if nb < 64 else np.int64(v)
+_POISON = 1 << 31  # the entry of every state of an unused table: an EOC that fails the final check
 
 
 @njit(nogil=True, cache=True)
-def _decoding_tables(freq, used):
-    """The decoder's tables of the used tables (``used`` set): per state one uint32 (small tables stay in
-    cache) holding its state bits, next-state base (<< 4), raw bits (<< 14), and for joint symbols the
-    code level (<< 19, 0: EOC) and run bucket (<< 22), for excess symbols the symbol (<< 19)."""
+def _decoding_tables(freq):
+    """The decoder's tables, flat (table c at c * L): per state one uint32 (small tables stay in cache)
+    holding its state bits, next-state base (<< 4), raw bits (<< 14), and for joint symbols the code
+    level (<< 19, 0: EOC) and run bucket (<< 22), for excess symbols the symbol (<< 19); unused tables
+    hold ``_POISON``."""
     rbase, rbits, level = _main_symbols()
     _, bbits = _big_symbols()
-    dtab = np.empty((freq.shape[0], _L), np.uint32)
+    dtab = np.full(freq.shape[0] * _L, _POISON, np.uint32)
     spread = np.empty(_L, np.int64)
     nxt = np.empty(freq.shape[1], np.int64)
     for c in range(freq.shape[0]):
-        used[c] = freq[c].sum() > 0
-        if not used[c]:
+        if freq[c].sum() == 0:
             continue
         _spread(freq[c], spread)
         for a in range(freq.shape[1]):
@@ -351,67 +346,74 @@ def _decoding_tables(freq, used):
                 entry |= (rbits[a] << 14) | (level[a] << 19) | (max(a - 1, 0) // _NCV << 22)
             else:
                 entry |= (bbits[a] << 14) | (a << 19)
-            dtab[c, i] = entry
+            dtab[c * _L + i] = entry
     return dtab
 
 
 @njit(cache=True)
 def _luts():
-    """Context offsets as lookups (no branch cascades in the decoder), by code capped at 255: the left
-    level's table offset, the code above's level, and the code level of the excess contexts."""
-    lt = np.empty(256, np.int64)
-    ul = np.empty(256, np.int64)
-    vl = np.empty(256, np.int64)
+    """Context table offsets (state index of the table's first state) as lookups by code capped at 255:
+    of the joint symbol's left level and code above, of the excess symbol's code above and code left."""
+    lt, ul, ve, vle = (np.empty(256, np.int64), np.empty(256, np.int64), np.empty(256, np.int64),
+                       np.empty(256, np.int64))
     for v in range(256):
-        lt[v] = (1 + _vlevel(v)) * _NUP
-        ul[v] = _up_level(v)
-        vl[v] = _vlevel(v)
-    return lt, ul, vl
+        lt[v] = (1 + _vlevel(v)) * _NUP * _L
+        ul[v] = _up_level(v) * _L
+        ve[v] = (N_MAIN + _vlevel(v) * _NV) * _L
+        vle[v] = _vlevel(v) * _L
+    return lt, ul, ve, vle
+
+
+@njit(cache=True, inline="always")
+def _bits(words, pos, nb):
+    """nb (< 64) bits at bit position pos, LSB first (two aligned loads)."""
+    q, sh = pos >> 6, np.uint64(pos & 63)
+    v = (words[q] >> sh) | ((words[q + 1] << np.uint64(1)) << (np.uint64(63) - sh))
+    return np.int64(v & ((np.uint64(1) << np.uint64(nb)) - np.uint64(1)))
 
 
 @njit(nogil=True, cache=True)
-def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes):
+def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
     """Fill the non-zero codes of ``out`` (uint8, zero-filled) and ``escapes``; returns 0, or -1 if the
-    stream is inconsistent (a run past its column, an unused table, bits or events left over)."""
+    stream is inconsistent (a run past its column, an unused table, bits or events left over). ``words``
+    is padded so that a column's events can read past ``nbits`` (checked once per column)."""
     rbase, _, _ = _main_symbols()
     bbase, _ = _big_symbols()
-    lt, ul, vl = _luts()
+    lt, ul, ve, vle = _luts()
     x = np.int64(state)
-    pos = np.int64(0)
+    pos, bad = np.int64(0), np.int64(0)
     n_esc, base, e = 0, 0, 0
     for j in range(lengths.size):
         length = lengths[j]
         left = has_left and j > 0
         k, up = 0, 0
+        if pos > nbits:
+            return -1
         while k < length:
             ctx = (lt[out[base + k - length]] if left else 0) + ul[min(up, 255)]
+            entry = np.int64(dtab[ctx + x])
             e += 1
-            if not used[ctx] or e > ne or pos > nbits:
-                return -1
-            entry = np.int64(dtab[ctx, x])
+            bad |= entry
             nb, rb = entry & 0xF, (entry >> 14) & 0x1F
-            v = _peek(words, pos, nb + rb)
+            v = _bits(words, pos, nb + rb)
             pos += nb + rb
             x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
             c = (entry >> 19) & 7
             if c == 0:
                 break
-            r = rbase[1 + (entry >> 22) * _NCV] + (v >> nb)
-            if r >= length - k:
+            k += rbase[1 + ((entry >> 22) & 63) * _NCV] + (v >> nb)
+            if k >= length:
                 return -1
-            k += r
             if c == _NCV:
                 lv = np.int64(out[base + k - length]) if left else 0
-                ctx = N_MAIN + vl[min(up, 255)] * _NV + vl[lv]
+                entry = np.int64(dtab[ve[min(up, 255)] + vle[lv] + x])
                 e += 1
-                if not used[ctx] or e > ne:
-                    return -1
-                entry = np.int64(dtab[ctx, x])
+                bad |= entry
                 nb, rb = entry & 0xF, (entry >> 14) & 0x1F
-                v = _peek(words, pos, nb + rb)
+                v = _bits(words, pos, nb + rb)
                 pos += nb + rb
                 x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
-                c = _NCV + bbase[entry >> 19] + (v >> nb)
+                c = _NCV + bbase[(entry >> 19) & 63] + (v >> nb)
             if c >= ESCAPE:
                 if n_esc >= escapes.size:
                     return -1
@@ -423,7 +425,8 @@ def _decode(dtab, used, words, nbits, ne, state, lengths, has_left, out, escapes
             up = c
             k += 1
         base += length
-    return 0 if (n_esc == escapes.size and x == 0 and e == ne and pos == nbits) else -1
+    ok = n_esc == escapes.size and x == 0 and e == ne and pos == nbits and not bad & _POISON
+    return 0 if ok else -1
 
 
 def decode(stream, lengths: np.ndarray, *, has_left: bool, out: np.ndarray) -> np.ndarray:
@@ -441,12 +444,13 @@ def decode(stream, lengths: np.ndarray, *, has_left: bool, out: np.ndarray) -> n
     freq = np.zeros((N_TABLES, _A), np.int64)
     if _read_tables(data[_HEAD.size:_HEAD.size + n_table], freq) != n_table:
         raise damaged
-    used = np.zeros(N_TABLES, np.bool_)
-    dtab = _decoding_tables(freq, used)
-    words = np.zeros(n_words + 2, np.uint64)
+    dtab = _decoding_tables(freq)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    longest = int(lengths.max()) if lengths.size else 0
+    words = np.zeros(n_words + 2 + (longest + 1) * 80 // 64, np.uint64)  # a column's events (<= 78 bits a code) stay inside
     words[:n_words] = np.frombuffer(data[_HEAD.size + n_table:], dtype="<u8")
     escapes = np.zeros(n_esc, np.int32)
-    if _decode(dtab, used, words, nbits, ne, state, np.ascontiguousarray(lengths, dtype=np.int64), has_left,
+    if _decode(dtab, words, nbits, ne, state, np.ascontiguousarray(lengths, dtype=np.int64), has_left,
                out, escapes):
         raise damaged
     return escapes
