@@ -346,20 +346,19 @@ def test_rans_coder_refuses_damaged_streams(coder):
     lengths = np.arange(40, 0, -1)
     codes = np.where(rng.random(820) < 0.2, rng.integers(1, 30, 820), 0).astype(np.uint8)
     _, stream = _rans_round_trip(codes, lengths, True, coder)
-    bad = [stream[:-3], stream[:10], stream[:16] + bytes(len(stream) - 16)]
-    if coder == "tans":  # flipped bits anywhere in the tables or the bit stream, a wrong final state
-        bad += [stream[:i] + bytes([stream[i] ^ 0x10]) + stream[i + 1:] for i in range(18, len(stream), 7)]
-        bad.append(stream[:16] + bytes([(stream[16] + 1) % 256]) + stream[17:])
-    for damaged in bad:
-        out = np.zeros(820, np.uint8)
-        try:
-            escapes = module.decode(damaged, lengths, has_left=True, out=out)
-        except ValueError as exc:
-            assert f"{coder} stream" in str(exc)
-        else:  # a flip that still decodes consistently must not pass as the original
-            assert coder == "tans" and not (np.array_equal(out, codes) and escapes.size == 0)
-    with pytest.raises(ValueError, match=f"{coder} stream"):
-        module.decode(stream[:-3], lengths, has_left=True, out=np.zeros(820, np.uint8))
+    for bad in (stream[:-3], stream[:10], stream[:16] + bytes(len(stream) - 16)):
+        with pytest.raises(ValueError, match=f"{coder} stream"):
+            module.decode(bad, lengths, has_left=True, out=np.zeros(820, np.uint8))
+    if coder == "tans":  # a flipped bit anywhere (tables, bit stream, final state): a clear error, or at worst
+        refused = 0    # other codes (the storage's crc32c chunks catch those); never a crash
+        flips = [stream[:i] + bytes([stream[i] ^ 0x10]) + stream[i + 1:] for i in range(0, len(stream), 3)]
+        for damaged in flips:
+            try:
+                module.decode(damaged, lengths, has_left=True, out=np.zeros(820, np.uint8))
+            except ValueError as exc:
+                assert "tans stream" in str(exc)
+                refused += 1
+        assert refused >= 0.8 * len(flips)
 
 
 @pytest.mark.parametrize("stage", ["rans", "tans"])

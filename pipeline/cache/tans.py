@@ -3,7 +3,7 @@
 The ``rans`` stage's column order (``pipeline.cache.rans``: bottom-aligned columns, so the entry left of
 index k of column j is ``lengths[j]`` positions back in the flat order) and zero runs, but a zero run
 and the code after it are ONE joint symbol (``EOC``: zeros to the end of the column, or the run length
-bucketed (0..7 exact, then two buckets per octave, the low bits raw) x code level 1..4 or "5 and
+bucketed (0..7 exact, then two buckets per octave, the low bits raw) x code level 1..7 or "8 and
 above", as JPEG's (run, size) pairs): the decoder spends one table lookup per non-zero code instead of
 two rANS steps. Codes >= ``_NCV`` take a second symbol (the excess, bucketed) in the context of the code
 above and the code to the left. The joint symbol's context is the code left of the run's first entry
@@ -34,7 +34,7 @@ from pipeline.cache.rans import _bucket, _unbucket_base, _up_level, _vlevel
 
 _LOG = 10
 _L = 1 << _LOG
-_NCV = 5  # code levels in a joint symbol: 1..4 exact, 5 = "5 and above" (a second symbol follows)
+_NCV = 8  # code levels in a joint symbol: 1..7 exact, 8 = "8 and above" (a second symbol follows)
 _NRUN = 64  # run-length buckets up to 2^31 (8 exact, then two per octave)
 _A_MAIN = 1 + _NRUN * _NCV  # EOC, then (run bucket, code level)
 _A_BIG = 64  # excess code buckets up to 2^31
@@ -268,7 +268,7 @@ def encode(codes: np.ndarray, lengths: np.ndarray, *, has_left: bool) -> bytes:
     enc = np.zeros((N_TABLES, _L), np.uint16)
     cum = np.zeros((N_TABLES, _A), np.int64)
     _build(freq, enc, cum)
-    words = np.zeros(int(ne) * 74 // 64 + 2, np.uint64)  # <= 11 state + 63 raw bits per event
+    words = np.zeros(int(ne) * 40 // 64 + 2, np.uint64)  # <= 10 state + 29 raw bits per event
     nbits, state = _code(tab, sym, raw, rnb, ne, freq, enc, cum, words)
     table = np.empty(N_TABLES * (2 * _A + 1) * 3, np.uint8)
     nt = _tables(freq, table)
@@ -323,13 +323,16 @@ _POISON = 1 << 31  # the entry of every state of an unused table: an EOC that fa
 def _decoding_tables(freq):
     """The decoder's tables, flat (table c at c * L): per state one uint32 (small tables stay in cache)
     holding its state bits, next-state base (<< 4), raw bits (<< 14), and for joint symbols the code
-    level (<< 19, 0: EOC) and run bucket (<< 22), for excess symbols the symbol (<< 19); unused tables
+    level (<< 19, 0: EOC) and run bucket (<< 23), for excess symbols the symbol (<< 19); unused tables
     hold ``_POISON``."""
-    rbase, rbits, level = _main_symbols()
+    _, rbits, level = _main_symbols()
     _, bbits = _big_symbols()
     dtab = np.full(freq.shape[0] * _L, _POISON, np.uint32)
     spread = np.empty(_L, np.int64)
     nxt = np.empty(freq.shape[1], np.int64)
+    bits_in = np.empty(2 * _L, np.int64)  # state bits to read at sub-state ns in [f, 2f): no log loop
+    for ns in range(1, 2 * _L):
+        bits_in[ns] = _LOG - _log2(ns)
     for c in range(freq.shape[0]):
         if freq[c].sum() == 0:
             continue
@@ -340,10 +343,10 @@ def _decoding_tables(freq):
             a = spread[i]
             ns = nxt[a]
             nxt[a] += 1
-            nb = _LOG - _log2(ns)
+            nb = bits_in[ns]
             entry = nb | (((ns << nb) - _L) << 4)
             if c < N_MAIN:
-                entry |= (rbits[a] << 14) | (level[a] << 19) | (max(a - 1, 0) // _NCV << 22)
+                entry |= (rbits[a] << 14) | (level[a] << 19) | (max(a - 1, 0) // _NCV << 23)
             else:
                 entry |= (bbits[a] << 14) | (a << 19)
             dtab[c * _L + i] = entry
@@ -377,20 +380,26 @@ def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
     """Fill the non-zero codes of ``out`` (uint8, zero-filled) and ``escapes``; returns 0, or -1 if the
     stream is inconsistent (a run past its column, an unused table, bits or events left over). ``words``
     is padded so that a column's events can read past ``nbits`` (checked once per column)."""
-    rbase, _, _ = _main_symbols()
+    rbase = np.zeros(_NRUN, np.int64)  # per run bucket
+    for rs in range(_NRUN):
+        rbase[rs] = rs if rs < 8 else _unbucket_base(rs, 8)[0]
     bbase, _ = _big_symbols()
     lt, ul, ve, vle = _luts()
     x = np.int64(state)
     pos, bad = np.int64(0), np.int64(0)
     n_esc, base, e = 0, 0, 0
+    zeros = np.zeros(lengths.max() if lengths.size else 0, np.uint8)  # the left column of a first column
     for j in range(lengths.size):
         length = lengths[j]
-        left = has_left and j > 0
-        k, up = 0, 0
+        if has_left and j > 0:
+            src, at, lbase = out, base - length, np.int64(0)
+        else:  # no left column: the "none" level (0), not that of a zero code
+            src, at, lbase = zeros, 0, -lt[0]
+        k, up = 0, np.int64(0)
         if pos > nbits:
             return -1
         while k < length:
-            ctx = (lt[out[base + k - length]] if left else 0) + ul[min(up, 255)]
+            ctx = lbase + lt[src[at + k]] + ul[up]
             entry = np.int64(dtab[ctx + x])
             e += 1
             bad |= entry
@@ -398,15 +407,14 @@ def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
             v = _bits(words, pos, nb + rb)
             pos += nb + rb
             x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
-            c = (entry >> 19) & 7
+            c = (entry >> 19) & 15
             if c == 0:
                 break
-            k += rbase[1 + ((entry >> 22) & 63) * _NCV] + (v >> nb)
+            k += rbase[(entry >> 23) & 63] + (v >> nb)
             if k >= length:
                 return -1
             if c == _NCV:
-                lv = np.int64(out[base + k - length]) if left else 0
-                entry = np.int64(dtab[ve[min(up, 255)] + vle[lv] + x])
+                entry = np.int64(dtab[ve[up] + vle[src[at + k]] + x])
                 e += 1
                 bad |= entry
                 nb, rb = entry & 0xF, (entry >> 14) & 0x1F
@@ -414,14 +422,13 @@ def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
                 pos += nb + rb
                 x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
                 c = _NCV + bbase[(entry >> 19) & 63] + (v >> nb)
-            if c >= ESCAPE:
-                if n_esc >= escapes.size:
-                    return -1
-                escapes[n_esc] = c
-                n_esc += 1
-                out[base + k] = ESCAPE
-            else:
-                out[base + k] = c
+                if c >= ESCAPE:
+                    if n_esc >= escapes.size:
+                        return -1
+                    escapes[n_esc] = c
+                    n_esc += 1
+                    c = ESCAPE
+            out[base + k] = c
             up = c
             k += 1
         base += length
@@ -447,10 +454,10 @@ def decode(stream, lengths: np.ndarray, *, has_left: bool, out: np.ndarray) -> n
     dtab = _decoding_tables(freq)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     longest = int(lengths.max()) if lengths.size else 0
-    words = np.zeros(n_words + 2 + (longest + 1) * 80 // 64, np.uint64)  # a column's events (<= 78 bits a code) stay inside
+    # padded so that a column's events (<= 78 bits per code) stay inside: bounds checked once per column
+    words = np.zeros(n_words + 2 + (longest + 1) * 80 // 64, np.uint64)
     words[:n_words] = np.frombuffer(data[_HEAD.size + n_table:], dtype="<u8")
     escapes = np.zeros(n_esc, np.int32)
-    if _decode(dtab, words, nbits, ne, state, np.ascontiguousarray(lengths, dtype=np.int64), has_left,
-               out, escapes):
+    if _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
         raise damaged
     return escapes
