@@ -29,9 +29,13 @@ EVAL_SAMPLES ?= 60
 # The demo teacher: trained once by `make demo-teacher` (TEACHER_SAMPLES generated scenes of seed TEACHER_SEED,
 # recipe train_student/configs/demo-teacher.yaml) and committed under DEMO_TEACHER; make demo copies it.
 DEMO_TEACHER ?= benchmarks/demo-teacher
-TEACHER_SAMPLES ?= 4000
-TEACHER_CAPTIONS ?= 0
+TEACHER_SAMPLES ?= 16000
+TEACHER_CAPTIONS ?= 16000
 TEACHER_SEED ?= 100
+# Vision pretraining of the teacher's tower and projector on dense scene labels before its CE training
+# (python -m pipeline.models pretrain-vision; 0 steps: none, the recipe of the teacher committed before it).
+TEACHER_VISION_STEPS ?= 3000
+TEACHER_VISION_SCENES ?= 6000
 TEACHER_EVAL_SAMPLES ?= 300
 EVAL_ARGS ?= --max-new-tokens 32 --batch-size 16
 STUDY_OUT ?= $(ROOT)/reports/study
@@ -93,6 +97,8 @@ $(MODEL_DIR)/demo-teacher/config.json: $(DEMO_TEACHER)/config.json | venv
 TEACHER_WORK = $(RUNS)/demo-teacher-work
 TEACHER_TRAIN = $(PY) -m train_student --sft --student $(TEACHER_WORK)/init --data $(TEACHER_WORK)/shards \
 	--out $(TEACHER_WORK)/run --config $(DEMO_CONFIGS)/demo-teacher.yaml --set run.progress=false
+TEACHER_VISION = $(PY) -m pipeline.models pretrain-vision --model $(TEACHER_WORK)/init --out $(TEACHER_WORK)/init \
+	--steps $(TEACHER_VISION_STEPS) --scenes $(TEACHER_VISION_SCENES) --seed $(TEACHER_SEED) --no-progress
 
 demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES QA scenes + TEACHER_CAPTIONS scene descriptions, seed TEACHER_SEED) into DEMO_TEACHER with its recipe, time and held-out scores
 	rm -rf $(TEACHER_WORK)
@@ -104,15 +110,19 @@ demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES QA scenes + TEACHE
 	$(PY) -m pipeline.ingest --qa $(TEACHER_WORK)/eval-data/qa.json --image-root $(TEACHER_WORK)/eval-data \
 		--out $(TEACHER_WORK)/eval-shards
 	$(PY) -m pipeline.models tiny --family internvl --role teacher --out $(TEACHER_WORK)/init
+	start=$$(date +%s); if [ $(TEACHER_VISION_STEPS) -gt 0 ]; then $(TEACHER_VISION); fi; \
+		echo $$(( $$(date +%s) - start )) > $(TEACHER_WORK)/vision_seconds
 	start=$$(date +%s); $(TEACHER_TRAIN); echo $$(( $$(date +%s) - start )) > $(TEACHER_WORK)/train_seconds
 	rm -rf $(DEMO_TEACHER) && mkdir -p $(DEMO_TEACHER)
 	cd $(TEACHER_WORK)/run/$$(cat $(TEACHER_WORK)/run/latest) && cp config.json generation_config.json model.safetensors \
 		processor_config.json tokenizer.json tokenizer_config.json chat_template.jinja $(abspath $(DEMO_TEACHER))/
 	cp $(TEACHER_WORK)/run/config.yaml $(DEMO_TEACHER)/train_config.yaml
+	if [ -f $(TEACHER_WORK)/init/vision_pretrain.json ]; then cp $(TEACHER_WORK)/init/vision_pretrain.json $(DEMO_TEACHER)/; fi
 	$(PY) -m pipeline.evaluate --model $(DEMO_TEACHER) --data $(TEACHER_WORK)/eval-shards --out $(DEMO_TEACHER)/eval \
 		--name demo-teacher $(EVAL_ARGS)
 	rm $(DEMO_TEACHER)/eval/predictions.jsonl
-	printf '%s\n' "# The demo teacher (make demo-teacher)" "" "command: make demo-teacher TEACHER_SAMPLES=$(TEACHER_SAMPLES) TEACHER_CAPTIONS=$(TEACHER_CAPTIONS) TEACHER_SEED=$(TEACHER_SEED)" \
+	printf '%s\n' "# The demo teacher (make demo-teacher)" "" "command: make demo-teacher TEACHER_SAMPLES=$(TEACHER_SAMPLES) TEACHER_CAPTIONS=$(TEACHER_CAPTIONS) TEACHER_SEED=$(TEACHER_SEED) TEACHER_VISION_STEPS=$(TEACHER_VISION_STEPS) TEACHER_VISION_SCENES=$(TEACHER_VISION_SCENES)" \
+		"vision pretraining: $$(if [ $(TEACHER_VISION_STEPS) -gt 0 ]; then echo '$(TEACHER_VISION)'; else echo none; fi) ($$(cat $(TEACHER_WORK)/vision_seconds) s; held-out accuracy per head: vision_pretrain.json)" \
 		"data: $(TEACHER_SAMPLES) generated QA scenes + $(TEACHER_CAPTIONS) scene descriptions (python -m pipeline.demo_data --seed $(TEACHER_SEED) --views 1 --captions $(TEACHER_CAPTIONS))" \
 		"training: $(TEACHER_TRAIN)" "seed: see train_config.yaml (run.seed); recipe $(DEMO_CONFIGS)/demo-teacher.yaml" \
 		"training time: $$(cat $(TEACHER_WORK)/train_seconds) s on $$(nproc --all) CPUs ($$(uname -m)), OMP_NUM_THREADS=$${OMP_NUM_THREADS:-unset}" \

@@ -48,8 +48,7 @@ class Budget:
     """records of the teacher's training split (drawn once per study)."""
     teacher_captions: int
     """scene descriptions added to the teacher's split (pipeline.demo_data --captions; make demo-teacher's
-    TEACHER_CAPTIONS). 0 for the committed demo teacher's recipe: a teacher trained with 4000 captions beside its
-    4000 QA records for 3 epochs scored lower (README, "make demo")."""
+    TEACHER_CAPTIONS): dense supervision; the committed demo teacher's recipe has as many as QA records."""
     student_samples: int
     """records of each seed's student training split (smaller: the regime where a teacher helps)."""
     eval_samples: int
@@ -62,6 +61,11 @@ class Budget:
     """cap on the teacher's optimizer steps (None: the config's epochs)."""
     student_steps: int | None = None
     """cap on each student's optimizer steps (None: the config's epochs)."""
+    teacher_vision_steps: int = 3000
+    """vision pretraining steps of a teacher trained here (python -m pipeline.models pretrain-vision; make
+    demo-teacher's TEACHER_VISION_STEPS); 0: none."""
+    teacher_vision_scenes: int = 6000
+    """scenes of that vision pretraining (their own seeded stream, never a QA split's scenes)."""
     teacher: str | None = None
     """an already trained teacher to reuse instead of training one (None: train it on the teacher split)."""
 
@@ -72,18 +76,22 @@ class Budget:
 BUDGETS = {
     "tiny": Budget(teacher_samples=12, teacher_captions=2, student_samples=8, eval_samples=6,
                    teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
-                   student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher_steps=1, student_steps=1),
-    "quick": Budget(teacher_samples=4000, teacher_captions=0, student_samples=400, eval_samples=300,
+                   student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher_steps=1, student_steps=1,
+                   teacher_vision_steps=2, teacher_vision_scenes=8),
+    "quick": Budget(teacher_samples=16000, teacher_captions=16000, teacher_vision_steps=3000,
+                    teacher_vision_scenes=6000, student_samples=400, eval_samples=300,
                     teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
                     student_config=f"{STUDY_CONFIGS}/study-student.yaml", student_steps=200,
                     teacher="benchmarks/demo-teacher"),
-    "full": Budget(teacher_samples=4000, teacher_captions=0, student_samples=400, eval_samples=300,
+    "full": Budget(teacher_samples=16000, teacher_captions=16000, teacher_vision_steps=3000,
+                   teacher_vision_scenes=6000, student_samples=400, eval_samples=300,
                    teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
                    student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher="benchmarks/demo-teacher"),
 }
 """tiny: the suite's end-to-end test (one step per model). quick and full reuse the committed demo teacher
-(`make demo-teacher`: trained once on its own 4000-scene split, seed 100; ~22 min on 2 cores, which is why
-the study does not train it again; `--teacher DIR` or `Budget(teacher=None)` trains or picks another).
+(`make demo-teacher`: vision pretraining, then trained once on its own split of 16000 QA scenes and 16000
+scene descriptions, seed 100; ~30 min on 2 cores, which is why the study does not train it again;
+`--teacher DIR` or `Budget(teacher=None)` trains or picks another).
 quick: one seed, every student row capped at 200 optimizer steps (half the config's 4 epochs), about
 12 minutes on 2 cores. full: the config's 4 epochs over 400 scenes (400 optimizer steps of 4 samples) for
 every row, 3 or more seeds in about an hour."""

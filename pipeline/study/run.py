@@ -92,6 +92,19 @@ def make_model(run: Runner, role: str, *, seed: int) -> Path:
     return out
 
 
+def pretrain_vision(run: Runner, model: Path, budget: Budget) -> Path:
+    """The teacher's vision tower and projector pretrained on dense scene labels: OUT/models/teacher-vision
+    (`model` itself when the budget has no vision steps)."""
+    if budget.teacher_vision_steps <= 0:
+        return model
+    out = run.out / "models" / "teacher-vision"
+    if not (out / "vision_pretrain.json").is_file():
+        run("vision-teacher", "pipeline.models", "pretrain-vision", "--model", model, "--out", out, "--steps",
+            budget.teacher_vision_steps, "--scenes", budget.teacher_vision_scenes, "--seed", TEACHER_DATA_SEED,
+            "--heldout", min(200, budget.teacher_vision_scenes), "--no-progress")
+    return out
+
+
 def train(run: Runner, name: str, *, model: Path, data: Path, config: str, steps: int | None, seed: int,
           flags: list[str]) -> Path:
     """A train_student run in OUT/runs/NAME; returns its last checkpoint. An unfinished run is resumed
@@ -134,7 +147,8 @@ def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | No
     if teacher is None:
         teacher_data = make_split(run, "teacher", samples=budget.teacher_samples, seed=TEACHER_DATA_SEED,
                                   captions=budget.teacher_captions)
-        teacher = train(run, "teacher", model=make_model(run, "teacher", seed=0), data=teacher_data,
+        teacher = train(run, "teacher", model=pretrain_vision(run, make_model(run, "teacher", seed=0), budget),
+                        data=teacher_data,
                         config=budget.teacher_config, steps=budget.teacher_steps, seed=0, flags=["--sft"])
     files: dict = {"teacher": evaluate(run, "teacher", model=teacher, data=held_out), "rows": {r: {} for r in ROWS}}
     for seed in seeds:
