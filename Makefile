@@ -100,7 +100,7 @@ TEACHER_TRAIN = $(PY) -m train_student --sft --student $(TEACHER_WORK)/init --da
 TEACHER_VISION = $(PY) -m pipeline.models pretrain-vision --model $(TEACHER_WORK)/init --out $(TEACHER_WORK)/init \
 	--steps $(TEACHER_VISION_STEPS) --scenes $(TEACHER_VISION_SCENES) --seed $(TEACHER_SEED) --no-progress
 
-demo-teacher: venv ## train the demo teacher (TEACHER_SAMPLES QA scenes + TEACHER_CAPTIONS scene descriptions, seed TEACHER_SEED) into DEMO_TEACHER with its recipe, time and held-out scores
+demo-teacher: venv ## make the demo teacher into DEMO_TEACHER: vision pretraining (TEACHER_VISION_STEPS over TEACHER_VISION_SCENES), then CE on TEACHER_SAMPLES QA scenes + TEACHER_CAPTIONS descriptions (seed TEACHER_SEED); records recipe, times, held-out scores
 	rm -rf $(TEACHER_WORK)
 	$(PY) -m pipeline.demo_data --out $(TEACHER_WORK)/data --samples $(TEACHER_SAMPLES) --seed $(TEACHER_SEED) --views 1 \
 		--captions $(TEACHER_CAPTIONS)

@@ -5,6 +5,7 @@ Argument parsing and one call into pipeline.study.run and pipeline.study.table."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -43,8 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path,
                         help="an already trained teacher directory to reuse instead of training one (default: the "
                              "budget's, e.g. benchmarks/demo-teacher for quick)")
+    parser.add_argument("--student-vision-steps", type=int, metavar="N",
+                        help="pretrain each seed's student vision tower and projector for N steps before every row "
+                             "(python -m pipeline.models pretrain-vision; the students start like the paper's, from "
+                             "a pretrained encoder); default: the budget's (0: random students)")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
+    if args.student_vision_steps is not None:
+        if args.student_vision_steps < 0:
+            parser.error(f"--student-vision-steps must be >= 0, got {args.student_vision_steps}")
+        budget = dataclasses.replace(budget, student_vision_steps=args.student_vision_steps)
     seeds = [args.seed_offset + s for s in range(args.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,11 @@ class Budget:
     demo-teacher's TEACHER_VISION_STEPS); 0: none."""
     teacher_vision_scenes: int = 6000
     """scenes of that vision pretraining (their own seeded stream, never a QA split's scenes)."""
+    student_vision_steps: int = 0
+    """vision pretraining steps of each seed's student before its rows (stream "vision/{seed}"); 0: the
+    students start random-initialised."""
+    student_vision_scenes: int = 3000
+    """scenes of each student's vision pretraining."""
     teacher: str | None = None
     """an already trained teacher to reuse instead of training one (None: train it on the teacher split)."""
 
@@ -77,7 +82,7 @@ BUDGETS = {
     "tiny": Budget(teacher_samples=12, teacher_captions=2, student_samples=8, eval_samples=6,
                    teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",
                    student_config=f"{STUDY_CONFIGS}/study-student.yaml", teacher_steps=1, student_steps=1,
-                   teacher_vision_steps=2, teacher_vision_scenes=8),
+                   teacher_vision_steps=2, teacher_vision_scenes=8, student_vision_steps=2, student_vision_scenes=8),
     "quick": Budget(teacher_samples=16000, teacher_captions=16000, teacher_vision_steps=3000,
                     teacher_vision_scenes=6000, student_samples=400, eval_samples=300,
                     teacher_config=f"{STUDY_CONFIGS}/demo-teacher.yaml",

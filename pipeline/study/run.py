@@ -92,16 +92,15 @@ def make_model(run: Runner, role: str, *, seed: int) -> Path:
     return out
 
 
-def pretrain_vision(run: Runner, model: Path, budget: Budget) -> Path:
-    """The teacher's vision tower and projector pretrained on dense scene labels: OUT/models/teacher-vision
-    (`model` itself when the budget has no vision steps)."""
-    if budget.teacher_vision_steps <= 0:
+def pretrain_vision(run: Runner, model: Path, name: str, *, steps: int, scenes: int, seed: int) -> Path:
+    """`model` with its vision tower and projector pretrained on dense scene labels: OUT/models/NAME
+    (`model` itself when `steps` is 0)."""
+    if steps <= 0:
         return model
-    out = run.out / "models" / "teacher-vision"
+    out = run.out / "models" / name
     if not (out / "vision_pretrain.json").is_file():
-        run("vision-teacher", "pipeline.models", "pretrain-vision", "--model", model, "--out", out, "--steps",
-            budget.teacher_vision_steps, "--scenes", budget.teacher_vision_scenes, "--seed", TEACHER_DATA_SEED,
-            "--heldout", min(200, budget.teacher_vision_scenes), "--no-progress")
+        run(f"{name}", "pipeline.models", "pretrain-vision", "--model", model, "--out", out, "--steps", steps,
+            "--scenes", scenes, "--seed", seed, "--heldout", min(200, scenes), "--no-progress")
     return out
 
 
@@ -147,13 +146,16 @@ def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | No
     if teacher is None:
         teacher_data = make_split(run, "teacher", samples=budget.teacher_samples, seed=TEACHER_DATA_SEED,
                                   captions=budget.teacher_captions)
-        teacher = train(run, "teacher", model=pretrain_vision(run, make_model(run, "teacher", seed=0), budget),
-                        data=teacher_data,
+        init = pretrain_vision(run, make_model(run, "teacher", seed=0), "teacher-vision",
+                               steps=budget.teacher_vision_steps, scenes=budget.teacher_vision_scenes,
+                               seed=TEACHER_DATA_SEED)
+        teacher = train(run, "teacher", model=init, data=teacher_data,
                         config=budget.teacher_config, steps=budget.teacher_steps, seed=0, flags=["--sft"])
     files: dict = {"teacher": evaluate(run, "teacher", model=teacher, data=held_out), "rows": {r: {} for r in ROWS}}
     for seed in seeds:
         data = make_split(run, f"student-{seed}", samples=budget.student_samples, seed=seed)
-        student = make_model(run, "student", seed=seed)
+        student = pretrain_vision(run, make_model(run, "student", seed=seed), f"student-{seed}-vision",
+                                  steps=budget.student_vision_steps, scenes=budget.student_vision_scenes, seed=seed)
         cache = teacher_cache(run, seed, teacher=teacher, data=data, student=student)
         for row, flags in ROWS.items():
             uses_cache = "--sft" not in flags
