@@ -191,25 +191,26 @@ def _tokens(codes, lengths, has_left, tokens, bits, counts):
 
 
 @njit(nogil=True, cache=True)
-def _normalise(counts, freq):
-    """Frequencies summing to _M per used context (every seen symbol >= 1)."""
+def normalise(counts, freq, total):
+    """Frequencies summing to `total` per used context (every seen symbol >= 1), the largest absorbing the
+    rounding (shared with the tans stage)."""
     for c in range(counts.shape[0]):
-        total = counts[c].sum()
-        if total == 0:
+        seen = counts[c].sum()
+        if seen == 0:
             continue
         s = 0
-        for a in range(_A):
+        for a in range(counts.shape[1]):
             if counts[c, a]:
-                freq[c, a] = max(1, counts[c, a] * _M // total)
+                freq[c, a] = max(1, counts[c, a] * total // seen)
                 s += freq[c, a]
-        while s != _M:
+        while s != total:
             big = np.argmax(freq[c])
-            if s < _M:
-                freq[c, big] += _M - s
-                s = _M
+            if s < total:
+                freq[c, big] += total - s
+                s = total
             else:
-                cut = min(s - _M, freq[c, big] - 1)
-                if cut == 0:  # cannot happen with _A << _M; guards the loop
+                cut = min(s - total, freq[c, big] - 1)
+                if cut == 0:  # cannot happen while a table has far fewer symbols than `total`; guards the loop
                     break
                 freq[c, big] -= cut
                 s -= cut
@@ -268,7 +269,7 @@ def encode(codes: np.ndarray, lengths: np.ndarray, *, has_left: bool) -> bytes:
     counts = np.zeros((N_CONTEXTS, _A), np.int64)
     nt, nbits, escaped = _tokens(codes, lengths, has_left, tokens, bits, counts)
     freq = np.zeros((N_CONTEXTS, _A), np.int64)
-    _normalise(counts, freq)
+    normalise(counts, freq, _M)
     words = np.empty(nt + 2, np.uint16)
     first = _code(tokens, nt, freq, words)
     table = np.empty(N_CONTEXTS * (_A + 1) * 2, np.uint8)

@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from pipeline.cache.entropy import _log2
-from pipeline.cache.rans import _bucket, _unbucket_base, _up_level, _vlevel
+from pipeline.cache.rans import _bucket, _unbucket_base, _up_level, _vlevel, normalise
 
 _LOG = 10
 _L = 1 << _LOG
@@ -135,29 +135,6 @@ def _events(codes, lengths, has_left, tab, sym, raw, rnb, counts):
             k += 1
         base += length
     return ne, escaped
-
-
-@njit(nogil=True, cache=True)
-def _normalise(counts, freq):
-    """Frequencies summing to _L per used table (every seen symbol >= 1), the largest absorbing rounding."""
-    for c in range(counts.shape[0]):
-        total = counts[c].sum()
-        if total == 0:
-            continue
-        s = 0
-        for a in range(counts.shape[1]):
-            if counts[c, a]:
-                freq[c, a] = max(1, counts[c, a] * _L // total)
-                s += freq[c, a]
-        while s != _L:
-            big = np.argmax(freq[c])
-            if s < _L:
-                freq[c, big] += _L - s
-                s = _L
-            else:
-                cut = min(s - _L, freq[c, big] - 1)
-                freq[c, big] -= cut
-                s -= cut
 
 
 @njit(cache=True)
@@ -271,7 +248,7 @@ def encode(codes: np.ndarray, lengths: np.ndarray, *, has_left: bool) -> bytes:
     counts = np.zeros((N_TABLES, _A), np.int64)
     ne, escaped = _events(np.ascontiguousarray(codes), lengths, has_left, tab, sym, raw, rnb, counts)
     freq = np.zeros((N_TABLES, _A), np.int64)
-    _normalise(counts, freq)
+    normalise(counts, freq, _L)
     enc = np.zeros((N_TABLES, _L), np.uint16)
     cum = np.zeros((N_TABLES, _A), np.int64)
     _build(freq, enc, cum)
