@@ -27,6 +27,10 @@ from train_student import bench as train_bench
 from train_student import bench_gpu as train_stages
 
 STATUSES = {"ok", "partial", "failed", "skipped_time", "skipped_memory", "not_available", "timed_out"}
+# The CPU path checks code paths and files, not speed: the encode stage compiles the numba coders cold in a
+# fresh clone, which overran its 60 s GPU-run budget on a loaded 2-core CI machine, so it gets more of the
+# run's 540 s here (the tiny stages before it take seconds).
+BUDGETS = {**{stage: budget for stage, (_, budget) in gpu.STAGES.items()}, "cache-encode": 400.0}
 RUN = ["--device", "cpu", "--tiny"]
 
 
@@ -59,7 +63,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-gpu")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gpu, "run_process", in_process)
-        return gpu.main([*RUN, "--out-dir", str(out)]), out
+        return gpu.main([*RUN, "--stage-budget", f"cache-encode={BUDGETS['cache-encode']:g}", "--out-dir", str(out)]), out
 
 
 def test_every_stage_writes_its_file_with_device_versions_and_command(tiny_run):
@@ -81,7 +85,7 @@ def test_every_stage_writes_its_file_with_device_versions_and_command(tiny_run):
         assert result["command"].startswith(f"python -m {module} --stage {stage} --device cpu")
         assert "--tiny" in result["command"] and "--run-command" not in result["command"]
         assert result["run_command"] == summary["command"]
-        assert result["budget_s"] == gpu.STAGES[stage][1] and 0 <= result["wall_s"] < result["budget_s"]
+        assert result["budget_s"] == BUDGETS[stage] and 0 <= result["wall_s"] < result["budget_s"]
     assert summary["wall_s"] < summary["budget_s"] == gpu.TOTAL_BUDGET_S
 
 
