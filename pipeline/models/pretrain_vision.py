@@ -158,7 +158,8 @@ def _encode(tokens: ImageTokens, images) -> tuple[dict, int]:
 
 def accuracy(tokens: ImageTokens, heads: nn.ModuleDict, pixels: dict, labels: torch.Tensor, per_image: int,
              batch: int = 64) -> dict:
-    """labels [images, tokens, heads]. Held-out accuracy per head over the tokens that show something (class != none), and over all tokens."""
+    """Held-out accuracy per head (labels [images, tokens, heads]) over the tokens that show something
+    (class != none) and over all tokens."""
     correct = {h: [0, 0, 0, 0] for h in HEADS}  # shown right, shown, all right, all
     with torch.no_grad():
         for start in range(0, labels.shape[0], batch):
