@@ -91,14 +91,8 @@ def _dlevel(d):
     """Left column's distance to its next non-zero: -2 no left column, -1 none, else 0..8."""
     if d < 0:
         return d + 2
-    if d < 3:
-        return 2 + d
-    if d < 5:
-        return 5
-    if d < 9:
-        return 6
-    if d < 17:
-        return 7
+    if d < 17:  # 0, 1, 2, 3-4, 5-8, 9-16: the code levels, two up
+        return 2 + _vlevel(d)
     if d < 33:
         return 8
     if d < 129:

@@ -359,6 +359,16 @@ def _bits(words, pos, nb):
     return np.int64(v & ((np.uint64(1) << np.uint64(nb)) - np.uint64(1)))
 
 
+@njit(cache=True, inline="always")
+def _step(dtab, index, words, pos):
+    """One symbol: the table entry at ``index`` (context offset + state), its payload bits read at ``pos``;
+    returns (entry, bits read, state bits, next pos, next state)."""
+    entry = np.int64(dtab[index])
+    nb, rb = entry & 0xF, (entry >> 14) & 0x1F
+    v = _bits(words, pos, nb + rb)
+    return entry, v, nb, pos + nb + rb, ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
+
+
 @njit(nogil=True, cache=True)
 def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
     """Fill the non-zero codes of ``out`` (uint8, zero-filled) and ``escapes``; returns 0, or -1 if the
@@ -383,14 +393,9 @@ def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
         if pos > nbits:
             return -1
         while k < length:
-            ctx = lbase + lt[src[at + k]] + ul[up]
-            entry = np.int64(dtab[ctx + x])
+            entry, v, nb, pos, x = _step(dtab, lbase + lt[src[at + k]] + ul[up] + x, words, pos)
             e += 1
             bad |= entry
-            nb, rb = entry & 0xF, (entry >> 14) & 0x1F
-            v = _bits(words, pos, nb + rb)
-            pos += nb + rb
-            x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
             c = (entry >> 19) & 15
             if c == 0:
                 break
@@ -398,13 +403,9 @@ def _decode(dtab, words, nbits, ne, state, lengths, has_left, out, escapes):
             if k >= length:
                 return -1
             if c == _NCV:
-                entry = np.int64(dtab[ve[up] + vle[src[at + k]] + x])
+                entry, v, nb, pos, x = _step(dtab, ve[up] + vle[src[at + k]] + x, words, pos)
                 e += 1
                 bad |= entry
-                nb, rb = entry & 0xF, (entry >> 14) & 0x1F
-                v = _bits(words, pos, nb + rb)
-                pos += nb + rb
-                x = ((entry >> 4) & (_L - 1)) + (v & ((np.int64(1) << nb) - 1))
                 c = _NCV + bbase[(entry >> 19) & 63] + (v >> nb)
                 if c >= ESCAPE:
                     if n_esc >= escapes.size:
