@@ -19,6 +19,14 @@ CHUNK_BYTES = 2 << 20  # raw bytes per chunk: random access to one sample's bloc
 # --------------------------------------------------------------------------------------------------
 # shared helpers: argument checks and zarr array creation
 # --------------------------------------------------------------------------------------------------
+class NodeParts:
+    """``open_part`` of the version-1 codecs: a reader opens each stored array once per part and passes it
+    to ``read(..., part=...)`` for every sample in it (quant2's ``open_part`` also reads its block offsets)."""
+
+    def open_part(self, group: zarr.Group, name: str):
+        return group[name]
+
+
 def _blosc(clevel: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle")
 

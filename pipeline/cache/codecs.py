@@ -46,6 +46,7 @@ from pipeline.cache.codec2 import ContextQuantCodec
 from pipeline.cache.codec_base import CODEC_FORMAT_VERSION as CODEC_FORMAT_VERSION
 from pipeline.cache.codec_base import (
     READABLE_CODEC_VERSIONS,
+    NodeParts,
     as_rows,
     as_values,
     check_clevel,
@@ -62,7 +63,7 @@ _LOG8_LEVELS = 254  # codes 1..255 cover the log range; code 0 is an exact zero
 # codecs
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Float16Codec:
+class Float16Codec(NodeParts):
     """`lossless`: float16 values, blosc-zstd with byte shuffle. Exact w.r.t. float16.
 
     Layout: one array `name` (float16) with attrs {"codec": describe()}.
@@ -90,15 +91,15 @@ class Float16Codec:
                              "attention probabilities are <= 1, check what is being cached")
         create_array(group, name, half, self.clevel, {"codec": self.describe()})
 
-    def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
-             row_start: int = 0, row_lengths=None) -> np.ndarray:
-        array = group[name]
+    def read(self, group: zarr.Group | None, name: str, *, start: int, stop: int,
+             row_start: int = 0, row_lengths=None, part=None) -> np.ndarray:
+        array = group[name] if part is None else part
         check_range(array, self.describe(), array.shape[0], start, stop)
         return array[start:stop].astype(np.float32)
 
 
 @dataclass(frozen=True)
-class UniformQuantCodec:
+class UniformQuantCodec(NodeParts):
     """`quant`: uniform quantisation with a per-block step; relative Frobenius error <= rel_error.
 
     Encoding of block b (values x, N entries): start from the step that the uniform-noise model
@@ -165,9 +166,9 @@ class UniformQuantCodec:
         create_array(node, "codes", codes.astype(dtype), self.clevel)
         create_array(node, "step", row_step, self.clevel)
 
-    def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
-             row_start: int = 0, row_lengths=None) -> np.ndarray:
-        node = group[name]
+    def read(self, group: zarr.Group | None, name: str, *, start: int, stop: int,
+             row_start: int = 0, row_lengths=None, part=None) -> np.ndarray:
+        node = group[name] if part is None else part
         check_range(node, self.describe(), node["codes"].shape[0], start, stop)
         lengths = row_range(stop - start, row_start, row_lengths, node["step"].shape[0])
         step = node["step"][row_start:row_start + lengths.size]
@@ -178,7 +179,7 @@ class UniformQuantCodec:
 
 
 @dataclass(frozen=True)
-class LogQuantCodec:
+class LogQuantCodec(NodeParts):
     """`log8`: 8-bit codes of log(x / row_max) over [log(rel_floor), 0]; code 0 is an exact zero.
 
     Entries <= row_max * rel_floor become 0; every kept entry has ~1.8% relative precision
@@ -228,9 +229,9 @@ class LogQuantCodec:
         create_array(node, "codes", np.clip(codes, 0, 255).astype(np.uint8), self.clevel)
         create_array(node, "row_max", row_max, self.clevel)
 
-    def read(self, group: zarr.Group, name: str, *, start: int, stop: int,
-             row_start: int = 0, row_lengths=None) -> np.ndarray:
-        node = group[name]
+    def read(self, group: zarr.Group | None, name: str, *, start: int, stop: int,
+             row_start: int = 0, row_lengths=None, part=None) -> np.ndarray:
+        node = group[name] if part is None else part
         check_range(node, self.describe(), node["codes"].shape[0], start, stop)
         lengths = row_range(stop - start, row_start, row_lengths, node["row_max"].shape[0])
         row_max = node["row_max"][row_start:row_start + lengths.size]

@@ -149,7 +149,7 @@ class TeacherCache:
         self.manifest = CacheManifest.from_json(json.loads(self.fs.cat_file(manifest_path)), source=manifest_path)
         self.codec = codec_from_description(self.manifest.codec)
         self._groups: dict[int, zarr.Group] = {}
-        self._parts: dict[tuple, object] = {}  # (shard, signal, part) -> the codec's opened part (quant2)
+        self._parts: dict[tuple, object] = {}  # (shard, signal, part) -> the codec's opened part
         self.index = self._read_index()  # verified here, in the opening process, not in DataLoader workers
 
     def __getstate__(self):
@@ -217,10 +217,7 @@ class TeacherCache:
             read = self.codec.read_codes if codes else self.codec.read
             span = {"start": start, "stop": start + row[f"{signal}_count"], "row_start": row[f"{signal}_row_offset"],
                     "row_lengths": row_lengths_for(signal, shape)}
-            if hasattr(self.codec, "open_part"):  # quant2: its block offsets are read once per part, not per sample
-                values = read(None, name, part=self._part(row["shard"], signal, name), **span)
-            else:
-                values = read(self._group(row["shard"])[signal], name, **span)
+            values = read(None, name, part=self._part(row["shard"], signal, name), **span)  # opened once per part
         except Exception as err:  # checksum, blosc, missing file: all mean a damaged shard
             raise CacheIntegrityError(f"cache {self.root}, shard {row['shard']}, signal {signal}, sample "
                                       f"{row['key']}: the stored block does not decode ({type(err).__name__}: "
