@@ -99,7 +99,7 @@ def pretrain_vision(run: Runner, model: Path, name: str, *, steps: int, scenes: 
         return model
     out = run.out / "models" / name
     if not (out / "vision_pretrain.json").is_file():
-        run(f"{name}", "pipeline.models", "pretrain-vision", "--model", model, "--out", out, "--steps", steps,
+        run(name, "pipeline.models", "pretrain-vision", "--model", model, "--out", out, "--steps", steps,
             "--scenes", scenes, "--seed", seed, "--heldout", min(200, scenes), "--no-progress")
     return out
 
