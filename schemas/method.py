@@ -33,6 +33,16 @@ SIGNAL_TERM = {signal: term for term, signal in TERM_SIGNAL.items()}
 SIGNAL_ROLE = {signal: TERM_ROLE[term] for signal, term in SIGNAL_TERM.items()}
 ROLE_SIGNAL = {role: signal for signal, role in SIGNAL_ROLE.items()}
 
+REFERENCE_MIX = {
+    "perception": (0.8, 0.1, 0.1),
+    "reasoning": (0.1, 0.8, 0.1),
+    "planning": (0.1, 0.1, 0.8),
+}
+"""METHOD section 4's (ref) matrix: each sample's own capability's term at 0.8, the others at 0.1."""
+
+UNIFORM_MIX = {capability: (1.0, 1.0, 1.0) for capability in CAPABILITIES}
+"""Every term on every sample, a third each after normalisation (the study's recommended mix)."""
+
 
 def lambdas(loss_config) -> dict[str, float]:
     """``{term: lambda}`` for all of LOSS_TERMS from a config with ``lam_ce``/``lam_p``/``lam_r``/``lam_d``."""

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from schemas.method import CAPABILITIES, LOSS_TERMS, TERMS
+from schemas.method import CAPABILITIES, LOSS_TERMS, REFERENCE_MIX, TERMS, UNIFORM_MIX
 
-DEFAULT_MIX = {
-    "perception": (0.8, 0.1, 0.1),
-    "reasoning": (0.1, 0.8, 0.1),
-    "planning": (0.1, 0.1, 0.8),
-}
+DEFAULT_MIX = REFERENCE_MIX
+__all__ = ["DEFAULT_MIX", "REFERENCE_MIX", "UNIFORM_MIX", "normalise_mix", "term_weights"]
 
 
 def normalise_mix(mix: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float, float]]:
