@@ -12,10 +12,10 @@ from pipeline.attention.maps import (
     tril_to_dense,
     tv_block,
 )
-from schemas.method import lambdas
+from schemas.method import REFERENCE_MIX, lambdas
 from train_student.config import LossConfig
 from train_student.losses import ROW_EPS, attention_losses, masked_tv_mse, reasoning_mse, row_cosine, row_kl
-from train_student.mixing import DEFAULT_MIX, normalise_mix, term_weights
+from train_student.mixing import normalise_mix, term_weights
 
 
 def naive_group_layers(k, teacher_layers):
@@ -287,7 +287,7 @@ def test_normalise_mix_rows_sum_to_one():
     mix = normalise_mix({"perception": (2, 1, 1), "reasoning": (0, 3, 0), "planning": (1, 1, 8)})
     assert mix["perception"] == pytest.approx((0.5, 0.25, 0.25))
     assert mix["reasoning"] == (0.0, 1.0, 0.0)
-    for row in normalise_mix(DEFAULT_MIX).values():
+    for row in normalise_mix(REFERENCE_MIX).values():
         assert sum(row) == pytest.approx(1.0)
 
 
@@ -296,7 +296,7 @@ def test_normalise_mix_rows_sum_to_one():
     [((0, 0, 0), "all zero"), ((1, -1, 1), "negative"), ((1, 1), "needs 3")],
 )
 def test_normalise_mix_errors_name_the_row(bad_row, expected):
-    mix = dict(DEFAULT_MIX, reasoning=bad_row)
+    mix = dict(REFERENCE_MIX, reasoning=bad_row)
     with pytest.raises(ValueError, match=expected) as err:
         normalise_mix(mix)
     assert "reasoning" in str(err.value)
@@ -306,21 +306,21 @@ def test_normalise_mix_missing_and_unknown_rows():
     with pytest.raises(ValueError, match="planning"):
         normalise_mix({"perception": (1, 0, 0), "reasoning": (0, 1, 0)})
     with pytest.raises(ValueError, match="driving"):
-        normalise_mix(dict(DEFAULT_MIX, driving=(1, 1, 1)))
+        normalise_mix(dict(REFERENCE_MIX, driving=(1, 1, 1)))
 
 
 def test_term_weights_defaults_and_omission():
     ones = lambdas(LossConfig())
-    w = term_weights("reasoning", DEFAULT_MIX, lambdas(LossConfig(lam_r=2.0)))
+    w = term_weights("reasoning", REFERENCE_MIX, lambdas(LossConfig(lam_r=2.0)))
     assert w == pytest.approx({"ce": 1.0, "p": 0.1, "r": 1.6, "d": 0.1})
     single = {"perception": (1, 0, 0), "reasoning": (0, 1, 0), "planning": (0, 0, 1)}
     assert term_weights("planning", single, ones) == {"ce": 1.0, "d": 1.0}
-    assert term_weights("perception", DEFAULT_MIX, dict(ones, ce=0.0, d=0.0)) == pytest.approx(
+    assert term_weights("perception", REFERENCE_MIX, dict(ones, ce=0.0, d=0.0)) == pytest.approx(
         {"p": 0.8, "r": 0.1}
     )
     with pytest.raises(ValueError, match="unknown capability"):
-        term_weights("driving", DEFAULT_MIX, ones)
+        term_weights("driving", REFERENCE_MIX, ones)
     with pytest.raises(ValueError, match="lambdas"):
-        term_weights("planning", DEFAULT_MIX, dict(ones, p=-1.0))
+        term_weights("planning", REFERENCE_MIX, dict(ones, p=-1.0))
     with pytest.raises(ValueError, match=r"\['d'\] are missing"):
-        term_weights("planning", DEFAULT_MIX, {"ce": 1.0, "p": 1.0, "r": 1.0})
+        term_weights("planning", REFERENCE_MIX, {"ce": 1.0, "p": 1.0, "r": 1.0})

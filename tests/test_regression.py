@@ -58,8 +58,7 @@ def test_two_step_drive_kd_losses_match_the_stored_values(tiny_models, tmp_path)
     run(CacheConfig(teacher=str(teacher), data=str(tmp_path / "shards"), out=str(tmp_path / "cache"), workers=0))
     main(["--student", str(student), "--data", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache"),
           "--out", str(tmp_path / "run"), "--max-steps", "2", "--set", "run.progress=false",
-          "--set", "data.num_workers=0", "--set", "optim.grad_accum=2", "--set", "loss.scale=reference",
-          "--set", "loss.kind=mse", "--set", "run.device=cpu"])
+          "--set", "data.num_workers=0", "--set", "optim.grad_accum=2", "--reference", "--set", "run.device=cpu"])
     measured = {row["step"]: row["losses"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")}
     assert set(measured) == set(STORED), f"measured steps {sorted(measured)}"
     for step, terms in STORED.items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_train_step import CPU, PLAN, TERMS, flat_grads, make_item, student
 
+from schemas.method import CAPABILITIES, REFERENCE_MIX, UNIFORM_MIX
 from train_student.agp import GradBank
 from train_student.config import LossConfig
 from train_student.reweight import LossReweighter
@@ -22,8 +23,6 @@ from train_student.scale import (
     term_grad_norms,
 )
 from train_student.step import CapturedForward, MicroStepper, TermWeights
-
-CAPABILITIES = ("perception", "reasoning", "planning")
 
 
 # ---------------------------------------------------------------- pure parts
@@ -159,7 +158,12 @@ def test_scale_options_validated_at_load():
 
     base = ["--student", "S", "--data", "D", "--out", "R", "--cache", "C"]
     c = config_from_args(build_parser().parse_args(base))
-    assert (c.loss.kind, c.loss.scale, c.loss.balance_ratio) == ("mse", "balanced", dict.fromkeys(CAPABILITIES, 0.5))
+    assert (c.loss.kind, c.loss.scale, c.loss.balance_ratio) == ("kl", "balanced", dict.fromkeys(CAPABILITIES, 0.5))
+    assert c.loss.mix == {k: list(v) for k, v in UNIFORM_MIX.items()}  # the study's recommended settings
+    c = config_from_args(build_parser().parse_args([*base, "--reference"]))  # METHOD exactly, one flag away
+    assert (c.loss.kind, c.loss.scale, c.loss.mix) == ("mse", "reference", {k: list(v) for k, v in REFERENCE_MIX.items()})
+    c = config_from_args(build_parser().parse_args([*base, "--reference", "--set", "loss.kind=cosine"]))
+    assert (c.loss.kind, c.loss.scale) == ("cosine", "reference")  # --set still overrides one field
     c = config_from_args(build_parser().parse_args([*base, "--set", "loss.balance_ratio.reasoning=0.2"]))
     assert c.loss.balance_ratio == {"perception": 0.5, "reasoning": 0.2, "planning": 0.5}
     with pytest.raises(ConfigError) as err:

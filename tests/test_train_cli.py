@@ -58,7 +58,7 @@ def test_sft_and_drive_kd_runs(setup, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)  # transformers alone
     assert model.config.get_text_config().num_hidden_layers == 4
 
-    main(argv(setup, tmp_path / "kd", "--max-steps", "2", "--set", "loss.scale=reference"))  # METHOD's weights
+    main(argv(setup, tmp_path / "kd", "--max-steps", "2", "--reference"))  # METHOD exactly
     run = tmp_path / "kd"
     rows = read_jsonl(run / "metrics.jsonl")
     assert len(rows) == 2 and all(set(r["losses"]) == {"ce", "p", "r", "d"} for r in rows)
@@ -115,7 +115,7 @@ def test_balanced_scale_hits_its_ratios_and_resumes_exactly(setup, tmp_path, cap
 
 def test_reference_scale_logs_gradient_ratios_and_warns_of_inert_terms(setup, tmp_path, capsys):
     main(argv(setup, tmp_path / "ref", "--max-steps", "2", "--set", "optim.grad_accum=2",
-         "--set", "loss.scale=reference"))
+         "--reference"))
     rows = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     assert all(set(r["grad_ratio_weighted"]) == {"p", "r", "d"} for r in rows) and "calibration" not in rows[0]
     assert max(rows[0]["grad_ratio_weighted"].values()) < 1e-3  # METHOD section 9: MSE at lambda 1 is inert

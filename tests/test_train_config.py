@@ -17,7 +17,9 @@ def test_defaults_follow_method_section_7():
     assert (c.optim.lr, c.optim.weight_decay, c.optim.betas, c.optim.grad_accum) == (5e-5, 0.0, [0.9, 0.999], 4)
     assert (c.optim.warmup_steps, c.optim.lr_floor, c.optim.epochs, c.run.seed) == (0, 0.01, 1, 42)
     assert (c.loss.mid_start, c.loss.mid_end) == (0, -2)
-    assert c.loss.mix == {"perception": [0.8, 0.1, 0.1], "reasoning": [0.1, 0.8, 0.1], "planning": [0.1, 0.1, 0.8]}
+    assert c.loss.mix == dict.fromkeys(["perception", "reasoning", "planning"], [1.0, 1.0, 1.0])  # the study's
+    ref = parse([*BASE, "--cache", "C", "--reference"])  # METHOD section 4's (ref) matrix, one flag away
+    assert ref.loss.mix == {"perception": [0.8, 0.1, 0.1], "reasoning": [0.1, 0.8, 0.1], "planning": [0.1, 0.1, 0.8]}
     assert c.method.agp and c.method.reweight and c.terms == ["p", "r", "d"]
     assert c.data.caches == {"perception": "C", "reasoning": "C", "planning": "C"}
 

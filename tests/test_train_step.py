@@ -10,7 +10,7 @@ from pipeline.attention.layout import build_layout
 from pipeline.attention.maps import dense_to_tril, tv_block
 from pipeline.models.load import load_model
 from pipeline.models.processors import load_processor
-from schemas.method import LayerPlan
+from schemas.method import REFERENCE_MIX, LayerPlan
 from train_student.agp import GradBank, agp_reference
 from train_student.config import LossConfig
 from train_student.data import TrainItem
@@ -92,7 +92,7 @@ def test_without_agp_one_backward_of_the_weighted_sum(tiny_models, monkeypatch):
     model_dir = tiny_models["internvl", "student"]
     model = student(model_dir)
     params = [p for p in model.parameters() if p.requires_grad]
-    weights = TermWeights(LossConfig(lam_p=2.0), TERMS, CPU)
+    weights = TermWeights(LossConfig(lam_p=2.0, mix={k: list(v) for k, v in REFERENCE_MIX.items()}), TERMS, CPU)
     forward = CapturedForward(model, PLAN, CPU)
     item = make_item(model_dir, capability="reasoning")
     losses = forward(item, TERMS)

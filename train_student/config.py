@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from schemas.method import ROLE_TERM, ROLES, lambdas
+from schemas.method import REFERENCE_MIX, ROLE_TERM, ROLES, UNIFORM_MIX, lambdas
 from train_student.losses import LOSS_KINDS
-from train_student.mixing import DEFAULT_MIX, normalise_mix
+from train_student.mixing import normalise_mix
 
 PRECISIONS = ("auto", "bf16", "fp32")
 BANK_DTYPES = ("fp32", "bf16")
@@ -85,21 +85,23 @@ class LossConfig:
     """lambda of the reasoning term."""
     lam_d: float = 1.0
     """lambda of the planning term."""
-    mix: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_MIX.items()})
-    """mixing matrix: per sample capability, the weights of (p, r, d); rows are normalised to sum 1."""
+    mix: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in UNIFORM_MIX.items()})
+    """mixing matrix: per sample capability, the weights of (p, r, d); rows are normalised to sum 1. Default:
+    uniform (every term on every sample, a third each), the study's recommended mix; METHOD section 4's
+    (ref) matrix 0.8 / 0.1 / 0.1 comes with --reference (schemas.method.REFERENCE_MIX)."""
     mid_start: int = 0
     """first intermediate student layer of the reasoning term (negative counts from the end)."""
     mid_end: int = -2
     """last intermediate student layer, inclusive."""
-    kind: str = "mse"
-    """attention loss of all three terms: mse (METHOD section 3, the reference: MSE over probabilities, its
-    gradients ~1e-7 of CE's), kl (per query row, KL(teacher || student) of the rows renormalised over the
+    kind: str = "kl"
+    """attention loss of all three terms: kl (the default, chosen on the study's evidence), mse (METHOD
+    section 3, the reference: MSE over probabilities, its gradients ~1e-7 of CE's; --reference), kl (per query row, KL(teacher || student) of the rows renormalised over the
     text-to-vision block for p/d and over the causal row for r, MiniLM-style) or cosine (per-row cosine
     distance, the paper's ablation)."""
     scale: str = "balanced"
     """how the distillation lambdas are set: balanced (the default, chosen on the study's evidence: README,
-    The study) or reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6; its terms are inert, and
-    --set loss.scale=reference --set loss.kind=mse is METHOD exactly). balanced: calibrated once on the first
+    The study) or reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6; its terms are inert;
+    --reference sets it with loss.kind=mse and the (ref) mix: METHOD exactly). balanced: calibrated once on the first
     window of a fresh run, from each term's mean unweighted gradient norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
     first metrics row; lam_p/lam_r/lam_d then only switch a term off with 0). With reweighting, the
     reweighter learns a factor on the calibrated lambdas, steering towards these ratios (train_student.scale)."""
@@ -449,6 +451,10 @@ def build_parser():
     parser.add_argument("--signals", nargs="+", choices=ROLES, metavar="ROLE",
                         help="distillation terms to train: perception reasoning planning (loss.signals)")
     parser.add_argument("--sft", action="store_true", help="cross-entropy only, no cache needed (loss.sft=true)")
+    parser.add_argument("--reference", action="store_true",
+                        help="METHOD sections 3-6 exactly: loss.scale=reference, loss.kind=mse and the (ref) mix "
+                             "0.8/0.1/0.1 (the defaults are the study's recommended settings: balanced, kl, uniform "
+                             "mix); --set still overrides single fields")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip and count samples missing from a cache (data.skip_missing=true)")
     parser.add_argument("--online-teacher", metavar="TEACHER",
@@ -480,6 +486,11 @@ def parse_caches(specs: list[str]) -> dict[str, str]:
     return caches
 
 
+REFERENCE_FLAGS = {"loss.scale": "reference", "loss.kind": "mse",
+                   "loss.mix": {k: list(v) for k, v in REFERENCE_MIX.items()}}
+"""What --reference sets: METHOD's reference loss semantics (sections 3-6)."""
+
+
 def config_from_args(args) -> TrainConfig:
     """Defaults < YAML (--config) < flags < --set, validated and resolved."""
     data = read_yaml(args.config) if args.config else {}
@@ -489,6 +500,8 @@ def config_from_args(args) -> TrainConfig:
              "data.caches": parse_caches(args.cache) or None,
              "method.agp": False if args.no_agp else None, "method.reweight": False if args.no_reweight else None,
              "loss.sft": True if args.sft else None, "data.skip_missing": True if args.skip_missing else None}
+    if args.reference:
+        flags |= REFERENCE_FLAGS
     for dotted, value in flags.items():
         if value is not None:
             set_dotted(data, dotted, value)

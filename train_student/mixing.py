@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from schemas.method import CAPABILITIES, LOSS_TERMS, REFERENCE_MIX, TERMS, UNIFORM_MIX
-
-DEFAULT_MIX = REFERENCE_MIX
-__all__ = ["DEFAULT_MIX", "REFERENCE_MIX", "UNIFORM_MIX", "normalise_mix", "term_weights"]
+from schemas.method import CAPABILITIES, LOSS_TERMS, TERMS
 
 
 def normalise_mix(mix: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, float, float]]:
