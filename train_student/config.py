@@ -94,15 +94,15 @@ class LossConfig:
     mid_end: int = -2
     """last intermediate student layer, inclusive."""
     kind: str = "kl"
-    """attention loss of all three terms: kl (the default, chosen on the study's evidence), mse (METHOD
-    section 3, the reference: MSE over probabilities, its gradients ~1e-7 of CE's; --reference), kl (per query row, KL(teacher || student) of the rows renormalised over the
-    text-to-vision block for p/d and over the causal row for r, MiniLM-style) or cosine (per-row cosine
-    distance, the paper's ablation)."""
+    """attention loss of all three terms: kl (the default, chosen on the study's evidence: per query row,
+    KL(teacher || student) of the rows renormalised over the text-to-vision block for p/d and over the
+    causal row for r, MiniLM-style), mse (METHOD section 3, the reference: MSE over probabilities, its
+    gradients ~1e-7 of CE's; --reference) or cosine (per-row cosine distance, the paper's ablation)."""
     scale: str = "balanced"
     """how the distillation lambdas are set: balanced (the default, chosen on the study's evidence: README,
     The study) or reference (lam_p/lam_r/lam_d as given, METHOD sections 4-6; its terms are inert;
-    --reference sets it with loss.kind=mse and the (ref) mix: METHOD exactly). balanced: calibrated once on the first
-    window of a fresh run, from each term's mean unweighted gradient norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
+    --reference sets it with loss.kind=mse and the (ref) mix: METHOD exactly). balanced: calibrated once on
+    the first window of a fresh run, from each term's mean unweighted gradient norm, so that lam_t * |g_t| = balance_ratio[role] * lam_ce * |g_ce|; stored in every checkpoint and in the
     first metrics row; lam_p/lam_r/lam_d then only switch a term off with 0). With reweighting, the
     reweighter learns a factor on the calibrated lambdas, steering towards these ratios (train_student.scale)."""
     balance_ratio: dict[str, float] = field(default_factory=lambda: {r: 0.5 for r in ROLES})
