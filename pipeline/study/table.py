@@ -83,7 +83,7 @@ def plot(study: dict, path: Path) -> None:
 
     names = ["teacher", *study["rows"], "chance"]
     width = 0.8 / len(names)
-    figure, axes = plt.subplots(figsize=(11, 4.5))
+    figure, axes = plt.subplots(figsize=(12, 4.5))
     for index, name in enumerate(names):
         if name in study["rows"]:
             means, stds = study["rows"][name]["mean"], study["rows"][name]["std"]
@@ -96,7 +96,7 @@ def plot(study: dict, path: Path) -> None:
     axes.set_xticks(range(len(COLUMNS)), list(COLUMNS.values()))
     axes.set_ylabel("held-out MC accuracy (%)")
     axes.set_ylim(0, 100)
-    axes.legend(ncol=3, fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no bar hidden
     axes.set_title(f"Study ({study['config']['budget']}, seeds {study['config']['seeds']})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
