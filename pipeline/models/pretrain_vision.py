@@ -64,9 +64,9 @@ class Settings:
     heldout: int = 200
     """held-out scenes (seed stream "vision/{seed}/heldout") for the accuracy report"""
     surround: float = 0.25
+    """fraction of scenes drawn with 6 surround cameras (one camera of each is used)"""
     shown_weight: float = 4.0
     """loss weight of a token that shows a road user, light or sign (against 1 for road, grass, sky)"""
-    """fraction of scenes drawn with 6 surround cameras (one camera of each is used)"""
 
 
 def _cover(box, cell) -> float:
@@ -165,8 +165,9 @@ def accuracy(tokens: ImageTokens, heads: nn.ModuleDict, pixels: dict, labels: to
         for start in range(0, labels.shape[0], batch):
             idx = torch.arange(start, min(start + batch, labels.shape[0]))
             feats = tokens(_select(pixels, idx, tokens.family, per_image), len(idx))
+            batch_labels = labels[idx]
             for i, head in enumerate(HEADS):
-                target = labels[idx][..., i]
+                target = batch_labels[..., i]
                 guess = heads[head](feats).argmax(-1)
                 shown = target != 0
                 correct[head][0] += int((guess == target)[shown].sum())
@@ -231,9 +232,7 @@ def _head_loss(logits: torch.Tensor, target: torch.Tensor, shown_weight: float) 
 def _trainable(model) -> nn.Module:
     """The modules this stage trains: vision tower and projector (the language model is left as it is)."""
     inner = model.model
-    parts = nn.ModuleList([inner.visual] if hasattr(inner, "visual") else
-                          [inner.vision_tower, inner.multi_modal_projector])
-    return parts
+    return nn.ModuleList([inner.visual] if hasattr(inner, "visual") else [inner.vision_tower, inner.multi_modal_projector])
 
 
 def _image_size(processor) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from schemas.method import CAPABILITIES, REFERENCE_MIX, TERMS, UNIFORM_MIX
+from schemas.method import CAPABILITIES, TERMS, UNIFORM_MIX
 
 STUDY_CONFIGS = "train_student/configs"
 SINGLE_TERM = {"perception": [1.0, 0.0, 0.0], "reasoning": [0.0, 1.0, 0.0], "planning": [0.0, 0.0, 1.0]}
@@ -38,13 +38,10 @@ study": the grid of settings measured there); the table of record is on seeds th
 flags stay explicit so that the rows mean the same whatever the trainer's defaults. Every Drive-KD variant
 below starts from these flags (the single-term rows from RECOMMENDED_LOSS, with a mix of their own)."""
 
-REFERENCE = ["--set=loss.scale=reference", "--set=loss.kind=mse", *_mix_flags(REFERENCE_MIX)]
-"""METHOD sections 3-6 exactly: reference lambdas, MSE over probabilities, the 0.8 / 0.1 / 0.1 mix."""
-
 ROWS: dict[str, list[str]] = {
     "sft": ["--sft"],
     "drive-kd": RECOMMENDED,
-    "drive-kd-reference": REFERENCE,
+    "drive-kd-reference": ["--reference"],  # METHOD sections 3-6 exactly (train_student's REFERENCE_FLAGS)
     "no-agp": [*RECOMMENDED, "--no-agp"],
     **{f"single-{capability}": [*RECOMMENDED_LOSS, *_mix_all_to(capability)] for capability in CAPABILITIES},
 }
