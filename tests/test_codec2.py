@@ -1,6 +1,8 @@
 """Codec quant2: the verified per-map bound (and its sink-aware variant), the entropy coder's round trip,
 whole-block reads, device dequantisation, the writer's thread pool, and version-1 data still reading."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -407,3 +409,25 @@ def test_a_damaged_tans_blob_raises_a_clear_error():
         decode_blobs(blob[:-2], np.array([0, len(blob) - 2]), lengths, np.array([0, 10]))
     codec.write(group, "x", values, row_lengths=lengths, block_rows=[10])
     assert codec_from_description(codec.describe()) == codec
+
+
+def test_tans_streams_of_format_1_still_decode():
+    """Streams written by the tans stage's format 1 (code levels 1..7 in the joint symbol, the left
+    code's level as context; a committed fixture) decode to their codes: caches written before format 2
+    stay readable."""
+    from pipeline.cache import tans
+
+    fixture = np.load(Path(__file__).parent / "fixtures" / "tans_v1_streams.npz")
+    for kind in ("tri", "rect"):
+        codes, lengths = fixture[f"{kind}_codes"].astype(np.int64), fixture[f"{kind}_lengths"]
+        stream = fixture[f"{kind}_stream"].tobytes()
+        assert not tans._HEAD.unpack_from(stream)[4] & tans._V2  # really format 1
+        out = np.zeros(codes.size, np.uint8)
+        escapes = tans.decode(stream, lengths, has_left=True, out=out)
+        decoded = out.astype(np.int64)
+        decoded[out == tans.ESCAPE] = escapes
+        np.testing.assert_array_equal(decoded, codes)
+        # the current encoder writes format 2, which decodes to the same codes
+        again, stream2 = _rans_round_trip(codes, lengths, True, "tans")
+        assert tans._HEAD.unpack_from(stream2)[4] & tans._V2
+        np.testing.assert_array_equal(again, codes)

@@ -3,7 +3,7 @@ per map (one variable-length blob each): a 2-D context model (``entropy="context
 zstd over the map's codes in column order (``entropy="zstd"``, ~20x less host time to decode), a
 static context model with rANS over the same column order (``entropy="rans"``, near the context
 stage's size at a fraction of its decode time), or the same column order with joint (zero run, code)
-symbols and table ANS (``entropy="tans"``, ~3% larger than ``rans``, about half its host decode time).
+symbols and table ANS (``entropy="tans"``, ~6% larger than ``rans``, under half its host decode time).
 
 Quantisation (``quantise``, torch, on whatever device holds the maps): one step per block (map),
 searched with a few batched reductions (no host sync until the codes are ready) and verified: the
@@ -28,11 +28,11 @@ Entropy stages:
   many zeros as the column to the left has here") and non-zero codes, context-modelled with static
   per-map frequency tables and rANS: near the context stage's size, decoding costs per non-zero code
   instead of per entry, and yields the zstd stage's form (bytes with escapes) for the device to finish.
-- ``tans`` (``pipeline.cache.tans``): the rans stage's column order and contexts, but a zero run and the
-  code after it are one symbol (codes >= 8 add a second), in the context of the code to the left and
-  the code above, coded with table ANS (zstd's FSE construction, one state shared by every context's
-  table): decoding is one table lookup and one bit-stream read per non-zero code; the same output form
-  as ``zstd`` and ``rans``.
+- ``tans`` (``pipeline.cache.tans``): the rans stage's column order, but a zero run and the code after
+  it are one symbol (codes >= 16 add a second), in the context of the code to the left (zero or not)
+  and the code above, coded with table ANS (zstd's FSE construction, one state shared by every
+  context's table): decoding is one table lookup and one bit-stream read per non-zero code; the same
+  output form as ``zstd`` and ``rans``.
 
 Blob of one map: header ``<f B I`` (step float32, flags: 1 = sink, 2 = triangle, 4 = zstd stage,
 8 / 16 = escaped codes as uint16 / uint32, 32 = column order, 64 = rans stage, 128 = tans stage; byte length of the exact first column, blosc-zstd
@@ -46,8 +46,9 @@ Measured on real maps (SmolLM2-135M-Instruct, all 30 layers, S = 1736, three tex
 <= 0.99% per map (quant: 12.5x), sink-aware 13.6x at <= 0.99% without column 0; text-to-vision-like
 blocks 4.8x against the raw float16 block. The same codes under JPEG-LS 13.5x, JPEG-XL lossless
 (effort 2) 13.8x, blosc-zstd 11.9x. The ``zstd``, ``rans`` and ``tans`` stages' figures are in the same
-file (tans: 20.8x, sink-aware 12.9x, text-to-vision-like 4.6x; host decode per sample in
-``benchmarks/results/cache_encode-stage_cpu.json``).
+file (tans: 20.2x, sink-aware 12.5x, text-to-vision-like 4.4x; host decode per sample in
+``benchmarks/results/cache_encode-stage_cpu.json`` (synthetic maps) and
+``benchmarks/results/cache_encode-stage-real-maps_cpu.json`` (SmolLM2 maps at S = 1800)).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class ContextQuantCodec:
             raise ValueError(f"sink must be true or false (store entry 0 of every row exactly), got {self.sink!r}")
         if self.entropy not in ENTROPY_STAGES:
             raise ValueError(f"entropy must be one of {', '.join(ENTROPY_STAGES)} (context: smallest; zstd: "
-                             f"decodes ~30x faster; rans: near context's size, decodes ~4x faster; tans: ~3% larger "
+                             f"decodes ~20x faster; rans: near context's size, decodes ~3x faster; tans: ~6% larger "
                              f"than rans, decodes ~2x faster than rans), "
                              f"got {self.entropy!r}")
         if not (isinstance(self.zstd_level, int) and not isinstance(self.zstd_level, bool)
