@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                         "writes benchmarks/results/cache_encode-stage_<device>.json")
     p.add_argument("--entropy", nargs="+", choices=ENTROPY_STAGES, default=list(ENTROPY_STAGES),
                    help="entropy stages of --encode-stage (default: all)")
-    p.add_argument("--size", type=int, default=1800, help="S of --encode-stage (--real-maps uses 1736)")
+    p.add_argument("--size", type=int, default=1800,
+                   help="S of --encode-stage, with or without --real-maps (--real-maps alone uses 1736)")
     p.add_argument("--samples", type=int, default=6)
     p.add_argument("--views", type=int, default=6)
     p.add_argument("--out", help="results JSON (default benchmarks/results/cache_<device>.json)")

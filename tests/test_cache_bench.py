@@ -87,6 +87,23 @@ def test_encode_stage_figures_on_given_maps():
         bench.encode_stage_figures("cpu", n_maps=5, views=1, real=maps)
 
 
+def test_encode_stage_real_maps_command(tmp_path, monkeypatch):
+    """--encode-stage --real-maps: one sample per text and map count from smollm2_maps at S = --size (here a
+    stand-in returning generated maps of 29 layers, the fewest that 27 mid maps need)."""
+    def maps(size, texts):
+        return [np.stack([synthetic_causal_attention(size, 1, seed=layer, span_len=20, n_heads=1)[0]
+                          for layer in range(29)]) for _ in range(texts)]
+
+    monkeypatch.setattr(bench, "smollm2_maps", maps)
+    out = tmp_path / "real.json"
+    bench.main(["--encode-stage", "--real-maps", "--entropy", "tans", "--size", "64", "--views", "1", "--texts",
+                "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["samples"]) == {f"{n}_tans_text{t}" for n in (23, 27) for t in (0, 1)}
+    assert all(s["maps"] == "real" and s["seq_len"] == 64 for s in result["samples"].values())
+    assert result["samples"]["27_tans_text0"]["entries"] > result["samples"]["23_tans_text0"]["entries"]
+
+
 def test_real_map_figures_on_generated_maps():
     pytest.importorskip("imagecodecs", reason="the entropy-stage candidates need the bench extra (imagecodecs)")
     per_text = [np.stack([synthetic_causal_attention(96, 1, seed=t * 3 + layer, span_len=40, n_heads=2)[0]
