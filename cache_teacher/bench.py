@@ -240,17 +240,18 @@ def _tv_candidates(tv: list[np.ndarray]) -> dict:
     available, a reference for what an entropy stage can reach on these codes."""
     import imagecodecs
 
+    def quantised(codec, block):  # one rectangle block, its rows as the codec's rows
+        return codec.quantise(torch.from_numpy(np.ascontiguousarray(block).ravel()),
+                              np.full(block.shape[0], block.shape[1]), [block.shape[0]])
+
     raw = sum(2 * b.size for b in tv)
     line = {}
     for rel_error in TV_ERRORS:
         codec = get_codec("quant2", entropy="tans", rel_error=rel_error)
-        line[f"{rel_error:g}"] = raw / sum(len(codec.encode(codec.quantise(
-            torch.from_numpy(np.ascontiguousarray(b).ravel()), np.full(b.shape[0], b.shape[1]), [b.shape[0]]), 0))
-            for b in tv)
-    codec, stored = get_codec("quant2"), 0
+        line[f"{rel_error:g}"] = raw / sum(len(codec.encode(quantised(codec, b), 0)) for b in tv)
+    codec, stored = get_codec("quant2"), 0  # the context stage keeps row order: the codes are the image
     for b in tv:
-        codes = codec.quantise(torch.from_numpy(np.ascontiguousarray(b).ravel()), np.full(b.shape[0], b.shape[1]),
-                               [b.shape[0]]).codes.reshape(b.shape)
+        codes = quantised(codec, b).codes.reshape(b.shape)
         image = codes.astype(np.uint8 if codes.max() < 256 else np.uint16)
         stored += len(imagecodecs.jpegxl_encode(image, lossless=True, effort=9))
     return {"quant2_tans_ratio_vs_raw_fp16_block_by_rel_error": line,
