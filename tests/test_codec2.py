@@ -269,6 +269,9 @@ def test_cache_cli_passes_codec_parameters_and_refuses_bad_ones():
     base = ["--teacher", "t", "--data", "d", "--out", "o", "--codec", "quant2"]
     config = parse_args([*base, "--codec-param", "entropy=zstd", "--codec-param", "sink=true"])
     assert config.codec_params == {"entropy": "zstd", "sink": True}
+    config = parse_args([*base, "--codec-param", "tv_rel_error=0.035"])
+    assert config.codec_params == {"tv_rel_error": 0.035}
+    config.validate()
     with pytest.raises(ValueError, match="entropy must be one of"):
         parse_args([*base, "--codec-param", "entropy=x"]).validate()
 
@@ -431,3 +434,27 @@ def test_tans_streams_of_format_1_still_decode():
         again, stream2 = _rans_round_trip(codes, lengths, True, "tans")
         assert tans._HEAD.unpack_from(stream2)[4] & tans._V2
         np.testing.assert_array_equal(again, codes)
+
+
+def test_text_to_vision_signals_take_their_own_bound(maps):
+    """tv_rel_error bounds every signal but ``mid`` (which keeps rel_error); the description of a codec
+    without it is the one written before it existed, so existing caches still read."""
+    from pipeline.cache.codec2 import decode_blobs
+
+    codec = get_codec("quant2", entropy="tans", tv_rel_error=0.03)
+    tv = np.ascontiguousarray(maps[0][100:160, 8:56])  # a text-to-vision-like rectangle [n_text, n_vision]
+    mid = np.stack([pack_tril(maps[0]), pack_tril(np.sqrt(maps[0]))])  # two maps of one size
+    for signal, block, bound in (("first_tv", tv, 0.03), ("penult_tv", tv, 0.03), ("mid", mid, 0.0099)):
+        q = codec.quantise_signal(signal, torch.from_numpy(block))
+        blobs = [codec.encode(q, b) for b in range(q.block_rows.size)]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
+        decoded = decode_blobs(b"".join(blobs), offsets, q.row_lengths,
+                               np.concatenate([[0], np.cumsum(q.block_rows)])).dequantise("cpu").numpy()
+        for got, want in zip(np.split(decoded, q.block_rows.size), block.reshape(q.block_rows.size, -1)):
+            assert 0.5 * bound < relative_frobenius(want, got) <= bound, signal
+    assert codec.bound("mid") == 0.0099 and codec.bound("first_tv") == 0.03
+    assert "tv_rel_error" not in get_codec("quant2").describe()["params"]
+    assert codec_from_description(get_codec("quant2").describe()) == get_codec("quant2")
+    assert codec_from_description(codec.describe()) == codec
+    with pytest.raises(ValueError, match="tv_rel_error must be"):
+        get_codec("quant2", tv_rel_error=0.9)

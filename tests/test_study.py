@@ -84,3 +84,33 @@ def test_study_rows_differ_only_by_their_flags(study):
     assert not configs["no-agp"]["method"]["agp"] and configs["drive-kd"]["method"]["agp"]
     assert set(map(tuple, configs["single-planning"]["loss"]["mix"].values())) == {(0.0, 0.0, 1.0)}
     assert all(config["run"]["seed"] == SEEDS[0] for config in configs.values())
+
+
+def test_study_trains_chosen_rows_from_caches_of_a_chosen_codec(tmp_path):
+    """--rows and --cache-codec(-param): only those rows train and are tabled, from teacher caches written
+    with that codec (what a lossy cache does to training is measured this way: README, "The study")."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "pipeline.study", "--out", str(out), "--budget", "tiny", "--seeds", "1",
+           "--seed-offset", str(SEEDS[0]), "--rows", "drive-kd", "--cache-codec", "quant2",
+           "--cache-codec-param", "entropy=tans", "--cache-codec-param", "tv_rel_error=0.035"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = json.loads((out / "study.json").read_text())
+    assert list(study["rows"]) == ["drive-kd"] and list(study["config"]["rows"]) == ["drive-kd"]
+    assert sorted(p.name for p in (out / "runs" / f"seed-{SEEDS[0]}").iterdir()) == ["drive-kd"]
+    codec = json.loads((out / "caches" / f"seed-{SEEDS[0]}" / "cache.json").read_text())["codec"]
+    assert codec["name"] == "quant2" and codec["params"]["tv_rel_error"] == 0.035
+    assert "quant2" in (out / "study.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "drive-kd,nope"], "name each row once"),
+    (["--rows", "sft,sft"], "name each row once"),
+    (["--cache-codec-param", "entropy=tans"], "needs --cache-codec"),
+])
+def test_study_refuses_unknown_rows_and_codec_parameters_without_a_codec(argv, message, capsys, tmp_path):
+    from pipeline.study.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path), "--budget", "tiny", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -10,7 +10,9 @@ searched with a few batched reductions (no host sync until the codes are ready) 
 reconstruction ``codes * step`` in float32, exactly as decoded, has relative Frobenius error
 <= ``rel_error`` (norms in float32). ``sink=True`` stores entry 0 of every row exactly (float32; in a
 packed triangle that is key 0, the attention sink) and bounds the error of the REST of the map, whose
-small entries a whole-map bound would mostly zero. Codes cross to the host as uint8 or uint16
+small entries a whole-map bound would mostly zero. ``tv_rel_error`` gives the text-to-vision signals
+(every signal but ``mid``) a bound of their own: their diffuse blocks take 4.4x at 1% per block on real
+maps, 7.2x at 3%, 9.6x at 5% (tans stage; README "Storage"). Codes cross to the host as uint8 or uint16
 (1-2 bytes per entry; int32 only if a code exceeds 65535).
 
 Entropy stages:
@@ -182,6 +184,10 @@ class ContextQuantCodec:
     sink: bool = False
     entropy: str = "context"
     zstd_level: int = 3
+    tv_rel_error: float | None = None
+    """the bound of the text-to-vision signals (perception, planning: every signal but ``mid``); None:
+    ``rel_error``. Their blocks are diffuse: 4.4x at 1% per block on real maps, 7.2x at 3% (README,
+    "Storage"); what a looser bound does to training: README, "The study"."""
     name: ClassVar[str] = "quant2"
     since: ClassVar[int] = 2
     lossless: ClassVar[bool] = False
@@ -190,6 +196,10 @@ class ContextQuantCodec:
         if not (isinstance(self.rel_error, float) and 1e-4 <= self.rel_error <= 0.5):
             raise ValueError(f"rel_error must be a float in [1e-4, 0.5] (e.g. 0.0099 for < 1% relative Frobenius "
                              f"error per map; below 1e-4 use 'lossless'), got {self.rel_error!r}")
+        if self.tv_rel_error is not None and not (isinstance(self.tv_rel_error, float)
+                                                  and 1e-4 <= self.tv_rel_error <= 0.5):
+            raise ValueError(f"tv_rel_error must be a float in [1e-4, 0.5] (the text-to-vision signals' bound, e.g. "
+                             f"0.03; leave it out for rel_error's), got {self.tv_rel_error!r}")
         if not isinstance(self.sink, bool):
             raise ValueError(f"sink must be true or false (store entry 0 of every row exactly), got {self.sink!r}")
         if self.entropy not in ENTROPY_STAGES:
@@ -203,14 +213,26 @@ class ContextQuantCodec:
                              f"decoding speed barely changes), got {self.zstd_level!r}")
 
     def describe(self) -> dict:
-        return describe_codec(self)
+        """describe_codec's, without ``tv_rel_error`` when it is unset: the description of caches written
+        before it existed (a read compares descriptions exactly)."""
+        description = describe_codec(self)
+        if self.tv_rel_error is None:
+            del description["params"]["tv_rel_error"]
+        return description
+
+    def bound(self, signal: str) -> float:
+        """The relative Frobenius error bound per block of ``signal``."""
+        return self.rel_error if signal == "mid" or self.tv_rel_error is None else self.tv_rel_error
 
     # ------------------------------------------------------------------ quantise (device) / encode (host)
-    def quantise(self, values: torch.Tensor, row_lengths, block_rows, *, shape=None) -> Quantised:
-        """Quantise flat ``values`` (a torch tensor on any device, or numpy) block by block.
+    def quantise(self, values: torch.Tensor, row_lengths, block_rows, *, shape=None,
+                 rel_error: float | None = None) -> Quantised:
+        """Quantise flat ``values`` (a torch tensor on any device, or numpy) block by block, each within
+        ``rel_error`` (default: the codec's).
 
         Consecutive blocks of one row structure (the maps of a sample) go through one batched search.
         """
+        rel_error = self.rel_error if rel_error is None else rel_error
         values = torch.as_tensor(values)
         flat = values.reshape(-1)
         if flat.numel() and not bool(torch.isfinite(flat).all() & (flat.min() >= 0)):
@@ -231,7 +253,7 @@ class ContextQuantCodec:
             index = None
             if self.sink:
                 index = torch.as_tensor(_row_starts(rows)[rows > 0], device=x.device)
-            c, s, f = _quantise_batch(x, index, self.rel_error)
+            c, s, f = _quantise_batch(x, index, rel_error)
             if self.entropy in COLUMN_STAGES:  # column order, a gather on the device
                 c = _to_columns(c, rows)
             codes.append(c.reshape(-1))
@@ -251,8 +273,9 @@ class ContextQuantCodec:
 
     def quantise_signal(self, signal: str, block) -> Quantised:
         """``quantise`` of one sample's stored block of ``signal`` (torch on any device, or numpy), its row
-        and block structure derived from the signal and shape (pipeline.cache.format)."""
-        return self.quantise(block, row_lengths_for(signal, block.shape), block_rows_for(signal, block.shape))
+        and block structure derived from the signal and shape (pipeline.cache.format), within ``bound(signal)``."""
+        return self.quantise(block, row_lengths_for(signal, block.shape), block_rows_for(signal, block.shape),
+                             rel_error=self.bound(signal))
 
     def encode(self, quantised: Quantised, block: int) -> bytes:
         """The blob of block ``block`` of ``quantised`` (thread-safe, releases the GIL)."""
@@ -278,7 +301,8 @@ class ContextQuantCodec:
 
     # ------------------------------------------------------------------ storage
     def write(self, group: zarr.Group, name: str, values: np.ndarray, *, row_lengths=None, block_rows=None) -> None:
-        """Quantise (on the CPU), encode and store flat float ``values``."""
+        """Quantise (on the CPU, within ``rel_error``: the cache writer goes through ``quantise_signal``,
+        which applies ``tv_rel_error``), encode and store flat float ``values``."""
         values = as_values(values, non_negative=True)
         quantised = self.quantise(torch.from_numpy(values), row_lengths, block_rows)
         self.write_blobs(group, name, [self.encode(quantised, b) for b in range(quantised.block_rows.size)],

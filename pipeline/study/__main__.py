@@ -48,7 +48,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="pretrain each seed's student vision tower and projector for N steps before every row "
                              "(python -m pipeline.models pretrain-vision; the students start like the paper's, from "
                              "a pretrained encoder); default: the budget's (0: random students)")
+    parser.add_argument("--rows", metavar="ROW[,ROW...]",
+                        help=f"train only these student rows, in this order (default all: {','.join(ROWS)}); e.g. "
+                             "drive-kd with --cache-codec to measure what lossy teacher caches do")
+    parser.add_argument("--cache-codec", metavar="CODEC",
+                        help="the teacher caches' codec (python -m cache_teacher --codec; default its own, lossless)")
+    parser.add_argument("--cache-codec-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of --cache-codec, repeatable (python -m cache_teacher --codec-param), e.g. "
+                             "entropy=tans, tv_rel_error=0.035")
     args = parser.parse_args(argv)
+    rows = None
+    if args.rows is not None:
+        rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+        unknown = [row for row in rows if row not in ROWS]
+        if unknown or not rows or len(set(rows)) != len(rows):
+            parser.error(f"--rows {args.rows!r}: name each row once, from {', '.join(ROWS)}")
+    if args.cache_codec_param and not args.cache_codec:
+        parser.error("--cache-codec-param needs --cache-codec (the codec the parameters belong to), e.g. "
+                     "--cache-codec quant2 --cache-codec-param entropy=tans")
+    codec = [] if args.cache_codec is None else ["--codec", args.cache_codec]
+    codec += [flag for item in args.cache_codec_param for flag in ("--codec-param", item)]
     budget = BUDGETS[args.budget]
     if args.student_vision_steps is not None:
         if args.student_vision_steps < 0:
@@ -62,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     if teacher is not None and not (teacher / "config.json").is_file():
         parser.error(f"--teacher {teacher}: no config.json there; pass a trained teacher directory "
                      "(make demo-teacher writes benchmarks/demo-teacher) or use --budget full to train one")
-    files = run_study(out, budget=budget, seeds=seeds, teacher=teacher)
+    files = run_study(out, budget=budget, seeds=seeds, teacher=teacher, rows=rows, codec=codec)
     config = {"budget": args.budget, "sizes": budget.to_dict(), "seeds": seeds, "seed_offset": args.seed_offset,
               "teacher_data_seed": TEACHER_DATA_SEED, "eval_data_seed": EVAL_DATA_SEED,
-              "teacher_model": files["teacher_model"], "rows": ROWS, "commands": files["commands"],
+              "teacher_model": files["teacher_model"], "rows": {row: ROWS[row] for row in files["rows"]},
+              "cache_codec_flags": codec, "commands": files["commands"],
               "stage_seconds": files["seconds"], "wall_seconds": round(time.perf_counter() - start, 1),
               "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"}
     study = build_study(files, config)

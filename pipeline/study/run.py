@@ -126,18 +126,22 @@ def evaluate(run: Runner, name: str, *, model: Path, data: Path) -> Path:
     return out / "scores.json"
 
 
-def teacher_cache(run: Runner, seed: int, *, teacher: Path, data: Path, student: Path) -> Path:
-    """The teacher's attention over one seed's student split, pre-grouped for the student."""
+def teacher_cache(run: Runner, seed: int, *, teacher: Path, data: Path, student: Path,
+                  codec: list[str] = ()) -> Path:
+    """The teacher's attention over one seed's student split, pre-grouped for the student; ``codec``: the
+    cache job's storage flags (--codec, --codec-param; none: its default, lossless)."""
     out = run.out / "caches" / f"seed-{seed}"
     if not (out / DONE).is_file():
         run(f"cache-seed-{seed}", "cache_teacher", "--teacher", teacher, "--data", data, "--out", out,
-            "--workers", "0", "--student", student)
+            "--workers", "0", "--student", student, *codec)
         (out / DONE).touch()
     return out
 
 
-def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | None) -> dict:
-    """Trains (or reuses) the teacher once, then every row for every seed; returns the evaluation files.
+def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | None, rows: list[str] | None = None,
+              codec: list[str] = ()) -> dict:
+    """Trains (or reuses) the teacher once, then every row (``rows``: those of ROWS, default all) for every
+    seed, from teacher caches written with the cache job's ``codec`` flags; returns the evaluation files.
 
     Result: {"teacher": scores.json, "rows": {row: {seed: scores.json}}, "commands": [...], "seconds": {...}}.
     """
@@ -151,14 +155,18 @@ def run_study(out: Path, *, budget: Budget, seeds: list[int], teacher: Path | No
                                seed=TEACHER_DATA_SEED)
         teacher = train(run, "teacher", model=init, data=teacher_data,
                         config=budget.teacher_config, steps=budget.teacher_steps, seed=0, flags=["--sft"])
-    files: dict = {"teacher": evaluate(run, "teacher", model=teacher, data=held_out), "rows": {r: {} for r in ROWS}}
+    rows = list(ROWS) if rows is None else rows
+    files: dict = {"teacher": evaluate(run, "teacher", model=teacher, data=held_out), "rows": {r: {} for r in rows}}
     for seed in seeds:
         data = make_split(run, f"student-{seed}", samples=budget.student_samples, seed=seed)
         student = pretrain_vision(run, make_model(run, "student", seed=seed), f"student-{seed}-vision",
                                   steps=budget.student_vision_steps, scenes=budget.student_vision_scenes, seed=seed)
-        cache = teacher_cache(run, seed, teacher=teacher, data=data, student=student)
-        for row, flags in ROWS.items():
+        cache = None
+        for row in rows:
+            flags = ROWS[row]
             uses_cache = "--sft" not in flags
+            if uses_cache and cache is None:
+                cache = teacher_cache(run, seed, teacher=teacher, data=data, student=student, codec=codec)
             extra = [*flags, "--cache", f"perception,reasoning,planning={cache}"] if uses_cache else flags
             checkpoint = train(run, f"seed-{seed}/{row}", model=student, data=data, config=budget.student_config,
                                steps=budget.student_steps, seed=seed, flags=extra)

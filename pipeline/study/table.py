@@ -71,6 +71,8 @@ def render_markdown(study: dict) -> str:
     lines += ["", f"Budget `{config['budget']}`: {json.dumps(config['sizes'])}.",
               "Rows are trainer flags on the shared student config (`config.rows` in study.json); "
               "every number is read from the scores.json named in study.json."]
+    if config.get("cache_codec_flags"):
+        lines.append(f"Teacher caches written with `{' '.join(config['cache_codec_flags'])}` (default: lossless).")
     return "\n".join(lines) + "\n"
 
 
