@@ -240,9 +240,8 @@ def _tv_candidates(tv: list[np.ndarray]) -> dict:
     available, a reference for what an entropy stage can reach on these codes."""
     import imagecodecs
 
-    def quantised(codec, block):  # one rectangle block, its rows as the codec's rows
-        return codec.quantise(torch.from_numpy(np.ascontiguousarray(block).ravel()),
-                              np.full(block.shape[0], block.shape[1]), [block.shape[0]])
+    def quantised(codec, block):  # one text-to-vision block, quantised as the cache job does (rel_error: no tv bound)
+        return codec.quantise_signal("first_tv", torch.from_numpy(np.ascontiguousarray(block)))
 
     raw = sum(2 * b.size for b in tv)
     line = {}

@@ -436,20 +436,17 @@ def test_tans_streams_of_format_1_still_decode():
         np.testing.assert_array_equal(again, codes)
 
 
-def test_text_to_vision_signals_take_their_own_bound(maps):
+def test_text_to_vision_signals_take_their_own_bound(group, maps):
     """tv_rel_error bounds every signal but ``mid`` (which keeps rel_error); the description of a codec
     without it is the one written before it existed, so existing caches still read."""
-    from pipeline.cache.codec2 import decode_blobs
-
     codec = get_codec("quant2", entropy="tans", tv_rel_error=0.03)
     tv = np.ascontiguousarray(maps[0][100:160, 8:56])  # a text-to-vision-like rectangle [n_text, n_vision]
     mid = np.stack([pack_tril(maps[0]), pack_tril(np.sqrt(maps[0]))])  # two maps of one size
     for signal, block, bound in (("first_tv", tv, 0.03), ("penult_tv", tv, 0.03), ("mid", mid, 0.0099)):
-        q = codec.quantise_signal(signal, torch.from_numpy(block))
-        blobs = [codec.encode(q, b) for b in range(q.block_rows.size)]
-        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
-        decoded = decode_blobs(b"".join(blobs), offsets, q.row_lengths,
-                               np.concatenate([[0], np.cumsum(q.block_rows)])).dequantise("cpu").numpy()
+        q = codec.quantise_signal(signal, torch.from_numpy(block))  # the cache writer's path
+        codec.write_blobs(group, signal, [codec.encode(q, b) for b in range(q.block_rows.size)], q.row_lengths,
+                          q.block_rows)
+        decoded = codec.read(group, signal, start=0, stop=q.size, row_lengths=q.row_lengths)
         for got, want in zip(np.split(decoded, q.block_rows.size), block.reshape(q.block_rows.size, -1)):
             assert 0.5 * bound < relative_frobenius(want, got) <= bound, signal
     assert codec.bound("mid") == 0.0099 and codec.bound("first_tv") == 0.03

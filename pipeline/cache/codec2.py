@@ -213,12 +213,7 @@ class ContextQuantCodec:
                              f"decoding speed barely changes), got {self.zstd_level!r}")
 
     def describe(self) -> dict:
-        """describe_codec's, without ``tv_rel_error`` when it is unset: the description of caches written
-        before it existed (a read compares descriptions exactly)."""
-        description = describe_codec(self)
-        if self.tv_rel_error is None:
-            del description["params"]["tv_rel_error"]
-        return description
+        return describe_codec(self)
 
     def bound(self, signal: str) -> float:
         """The relative Frobenius error bound per block of ``signal``."""

@@ -102,8 +102,11 @@ def row_range(n_elements: int, row_start: int, row_lengths, n_rows: int) -> np.n
 
 def describe_codec(codec) -> dict:
     """Name, parameters and the codec format version that defined the codec's layout (``since``: 1 for
-    lossless / quant / log8, whose caches stay resumable and readable by version-1 readers; 2 for quant2)."""
-    return {"name": codec.name, "version": codec.since, "lossless": codec.lossless, "params": asdict(codec)}
+    lossless / quant / log8, whose caches stay resumable and readable by version-1 readers; 2 for quant2).
+    Parameters left unset (None) are left out, so that adding an optional parameter keeps the descriptions
+    of caches written before it (a read compares descriptions exactly)."""
+    params = {key: value for key, value in asdict(codec).items() if value is not None}
+    return {"name": codec.name, "version": codec.since, "lossless": codec.lossless, "params": params}
 
 
 def check_clevel(clevel: int) -> None:

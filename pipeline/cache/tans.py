@@ -65,24 +65,9 @@ def _bitlen(v):
 
 # ---------------------------------------------------------------------------- symbol tables (both sides)
 @njit(cache=True)
-def _main_symbols(ncv):
-    """Per joint symbol of a stream with ``ncv`` code levels: (run base, run raw bits, code level 1..ncv;
-    0 for EOC)."""
-    rbase = np.zeros(_A_MAIN, np.int64)
-    rbits = np.zeros(_A_MAIN, np.int64)
-    level = np.zeros(_A_MAIN, np.int64)
-    for sym in range(1, 1 + _NRUN * ncv):
-        rs, cs = (sym - 1) // ncv, (sym - 1) % ncv
-        level[sym] = cs + 1
-        if rs < 8:
-            rbase[sym] = rs
-        else:
-            rbase[sym], rbits[sym] = _unbucket_base(rs, 8)
-    return rbase, rbits, level
-
-
-@njit(cache=True)
-def _big_symbols():
+def _buckets():
+    """Per bucket symbol (of a zero run or of a code's excess over ``_NCV``): its base value and raw bits
+    (0..7 exact, then two buckets per octave)."""
     base = np.zeros(_A_BIG, np.int64)
     bits = np.zeros(_A_BIG, np.int64)
     for s in range(_A_BIG):
@@ -91,6 +76,21 @@ def _big_symbols():
         else:
             base[s], bits[s] = _unbucket_base(s, 8)
     return base, bits
+
+
+@njit(cache=True)
+def _main_symbols(ncv):
+    """Per joint symbol of a stream with ``ncv`` code levels: (run base, run raw bits, code level 1..ncv;
+    0 for EOC)."""
+    rbase = np.zeros(_A_MAIN, np.int64)
+    rbits = np.zeros(_A_MAIN, np.int64)
+    level = np.zeros(_A_MAIN, np.int64)
+    base, bits = _buckets()  # _NRUN run buckets, the same as the excess buckets
+    for sym in range(1, 1 + _NRUN * ncv):
+        rs, cs = (sym - 1) // ncv, (sym - 1) % ncv
+        level[sym] = cs + 1
+        rbase[sym], rbits[sym] = base[rs], bits[rs]
+    return rbase, rbits, level
 
 
 # ---------------------------------------------------------------------------- encoder
@@ -321,7 +321,7 @@ def _decoding_tables(freq, ncv):
     run bucket's base (<< 32), for excess symbols the bucket's base (<< 32): no second lookup on the
     decoder's dependency chain. Unused tables hold ``_POISON``."""
     rb0, rbits, level = _main_symbols(ncv)
-    bb0, bbits = _big_symbols()
+    bb0, bbits = _buckets()
     main = (rbits << 14) | (level << 19) | (rb0 << 32)  # per symbol: the entry's symbol part
     big = (bbits << 14) | (bb0 << 32)
     dtab = np.full(freq.shape[0] * _L, _POISON, np.uint64)
