@@ -2,6 +2,7 @@
 equals the scores.json it names."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from pipeline.evaluation.scoring import load_scores
 from pipeline.study.plan import ROWS
 from pipeline.study.table import COLUMNS, table_values
+from train_student.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [3]
@@ -93,9 +95,14 @@ def test_study_trains_chosen_rows_from_caches_of_a_chosen_codec(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.study", "--out", str(out), "--budget", "tiny", "--seeds", "1",
            "--seed-offset", str(SEEDS[0]), "--rows", "drive-kd", "--cache-codec", "quant2",
            "--cache-codec-param", "entropy=tans", "--cache-codec-param", "tv_rel_error=0.035"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # recorded: a CPU run's scores depend on the thread count
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = json.loads((out / "study.json").read_text())
+    assert (study["config"]["torch_threads"], study["config"]["OMP_NUM_THREADS"]) == (1, "1")
+    assert "Torch intra-op threads: 1 (OMP_NUM_THREADS=1)" in (out / "study.md").read_text()
+    trainer = read_jsonl(out / "runs" / f"seed-{SEEDS[0]}" / "drive-kd" / "environment.jsonl")
+    assert [(e["step"], e["torch_threads"], e["OMP_NUM_THREADS"]) for e in trainer] == [(0, 1, "1")]
     assert list(study["rows"]) == ["drive-kd"] and list(study["config"]["rows"]) == ["drive-kd"]
     assert sorted(p.name for p in (out / "runs" / f"seed-{SEEDS[0]}").iterdir()) == ["drive-kd"]
     codec = json.loads((out / "caches" / f"seed-{SEEDS[0]}" / "cache.json").read_text())["codec"]

@@ -84,6 +84,9 @@ def test_resume_reproduces_the_uninterrupted_losses(setup, tmp_path):
     a = AutoModelForImageTextToText.from_pretrained(tmp_path / "whole" / "checkpoint-4").state_dict()
     b = AutoModelForImageTextToText.from_pretrained(tmp_path / "parts" / "checkpoint-4").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    starts = read_jsonl(tmp_path / "parts" / "environment.jsonl")  # one line per start: where it began, threads
+    assert [e["step"] for e in starts] == [0, 2]
+    assert all(e["torch_threads"] == torch.get_num_threads() and e["device"] == "cpu" and e["world"] == 1 for e in starts)
     message = fails(argv(setup, tmp_path / "parts", "--max-steps", "6", *common, "--set", "optim.lr=1e-3"))
     assert "config differs in optim.lr (5e-05 -> 0.001)" in message
 

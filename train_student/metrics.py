@@ -12,6 +12,8 @@ the sizes its checkpoint recorded, so they never hold rows of steps that were tr
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -147,6 +149,20 @@ class JsonlLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def environment(device: torch.device, *, world: int, step: int) -> dict:
+    """What a run's numbers depend on beyond its config: the library versions and torch's intra-op threads
+    (a CPU run's float sums, hence its weights, change with the thread count), the device and the world size; ``step``: where this
+    start of the run began (0, or the checkpoint it resumed)."""
+    import platform
+
+    import transformers
+
+    return {"step": step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type, "world": world}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,6 +11,7 @@ Rank 0 writes the run directory, logs and checkpoints. No teacher is loaded unle
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -34,7 +35,7 @@ from train_student import config as cfg
 from train_student.checkpoint import CheckpointError, find_checkpoint, read_meta, restore_state, save_checkpoint
 from train_student.data import DataError, DataSource, TrainItem, make_loader, open_source
 from train_student.distributed import Dist, init_distributed, order_seed, sharded_grad_norms
-from train_student.metrics import JsonlLog
+from train_student.metrics import JsonlLog, environment
 from train_student.reweight import LossReweighter
 from train_student.scale import InertTerms, apply_calibration, calibrate, first_window
 from train_student.setup import build_trainer
@@ -97,6 +98,8 @@ def setup(config: cfg.TrainConfig, *, resume: str | None = None) -> Session:
     meta, loop = read_meta(checkpoint, config.to_dict(), world_size=dist.world) if checkpoint else ({}, LoopState())
     if dist.main:
         cfg.save(config, run_dir / "config.yaml")
+        with (run_dir / "environment.jsonl").open("a", encoding="utf-8") as handle:  # one line per start
+            handle.write(json.dumps(environment(device, world=dist.world, step=loop.step)) + "\n")
     torch.manual_seed(config.run.seed)
     # ---------------------------------------------------------------- data (every check before training)
     student_dir = str(resolve_model(config.model.student))

@@ -11,6 +11,8 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.study.plan import BUDGETS, EVAL_DATA_SEED, ROWS, TEACHER_DATA_SEED
 from pipeline.study.run import run_study
 from pipeline.study.table import build_study, write_outputs
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
               "teacher_model": files["teacher_model"], "rows": {row: ROWS[row] for row in files["rows"]},
               "cache_codec_flags": codec, "commands": files["commands"],
               "stage_seconds": files["seconds"], "wall_seconds": round(time.perf_counter() - start, 1),
-              "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"}
+              "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+              "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     study = build_study(files, config)
     write_outputs(study, out)
     print(f"study: wrote study.json, study.md, study.png and grad_ratios.json to {out}")

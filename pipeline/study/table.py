@@ -71,6 +71,9 @@ def render_markdown(study: dict) -> str:
     lines += ["", f"Budget `{config['budget']}`: {json.dumps(config['sizes'])}.",
               "Rows are trainer flags on the shared student config (`config.rows` in study.json); "
               "every number is read from the scores.json named in study.json."]
+    if "torch_threads" in config:  # a CPU run's weights, hence its scores, depend on it (float summation order)
+        lines.append(f"Torch intra-op threads: {config['torch_threads']} (OMP_NUM_THREADS="
+                     f"{config.get('OMP_NUM_THREADS') or 'unset'}); compare runs made with the same count.")
     if config.get("cache_codec_flags"):
         lines.append(f"Teacher caches written with `{' '.join(config['cache_codec_flags'])}` (default: lossless).")
     return "\n".join(lines) + "\n"
