@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from schemas.method import LOSS_TERMS, TERMS
 
@@ -152,13 +154,9 @@ class JsonlLog:
 
 
 def environment(device: torch.device, *, world: int, step: int) -> dict:
-    """What a run's numbers depend on beyond its config: the library versions and torch's intra-op threads
-    (a CPU run's float sums, hence its weights, change with the thread count), the device and the world size; ``step``: where this
-    start of the run began (0, or the checkpoint it resumed)."""
-    import platform
-
-    import transformers
-
+    """What a run's numbers depend on beyond its config: the library versions, torch's intra-op threads (a
+    CPU run's float sums, hence its weights, change with the thread count), the device and the world size;
+    ``step``: where this start of the run began (0, or the checkpoint it resumed)."""
     return {"step": step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
